@@ -111,13 +111,19 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
+    """Training data (docs/data.md): shards written by `python -m engine.data.make_shards`."""
+
     source: Literal["digits", "imagenet", "captions"] = "digits"
     shards: str = ""  # folder with shards + index.json (digits: built on first use if empty)
     latent: bool = False  # samples are VAE latents (imagenet) rather than pixels
     vae: str = ""  # local AutoencoderKL folder for on-the-fly encoding / decoding samples
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    random_flip: bool = True
+    # global: indexed random access, the same global batches whatever the world size (default);
+    # stream: webdataset streaming for unindexed data, deterministic per world size only
+    order: Literal["global", "stream"] = "global"
+    num_workers: int = 2  # DataLoader worker processes per rank (0: load in the training process)
+    shuffle_buffer: int = 1000  # data.order=stream: samples in each stream's shuffle buffer
+    # horizontal flip (ImageNet latents: the stored latent of the flipped image); off for digits
+    random_flip: bool = False
 
 
 @dataclass
@@ -131,10 +137,13 @@ class ParallelConfig:
 
 @dataclass
 class EvalConfig:
-    num_samples: int = 500
-    sample_steps: int = 50
-    cfg_scale: float = 1.0
-    every: int = 0  # 0: only at the end of training
+    """In-training evaluation (digits: eval/class_acc of class-conditional EMA samples) and grids."""
+
+    num_samples: int = 500  # class-conditional samples classified at each evaluation (0: no eval)
+    sample_steps: int = 50  # sampler steps of evaluation samples and training-time sample grids
+    cfg_scale: float = 1.0  # classifier-free guidance of evaluation samples and grids
+    every: int = 0  # also evaluate every N steps; 0: only at the end of training
+    batch_size: int = 0  # samples per forward pass per rank; 0 means train micro batch size
 
 
 @dataclass
@@ -146,18 +155,18 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # linear lr warm-up over this many optimizer steps, then constant
     grad_clip: float = 0.0  # 0: no clipping (the papers)
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999  # fp32 EMA of the weights; samples and evaluation use it
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on CUDA, fp32 on CPU
-    log_every: int = 50
-    sample_every: int = 0  # 0: only at the end
-    save_every: int = 1000
+    log_every: int = 50  # steps between metrics.jsonl / TensorBoard / console records
+    sample_every: int = 0  # steps between EMA sample grids (samples/*.png); 0: only at the end
+    save_every: int = 1000  # steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 3
-    max_nonfinite_steps: int = 5
-    seed: int = 0
+    max_nonfinite_steps: int = 5  # this many skipped non-finite steps in a row stop the run
+    seed: int = 0  # model init and every per-sample draw (noise, timestep, label dropout)
     resume: str = ""  # "" fresh, "auto" latest in output_dir/checkpoints, or a checkpoint folder
-    progress: bool = True
+    progress: bool = True  # progress bar on an interactive console (log lines are always printed)
 
 
 @dataclass
@@ -329,14 +338,36 @@ def validate(cfg: Config) -> None:
     need(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
     need(t.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0")
     need(t.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1")
+    for key, value in [("train.sample_every", t.sample_every), ("train.save_every", t.save_every),
+                       ("train.warmup_steps", t.warmup_steps), ("eval.every", cfg.eval.every),
+                       ("eval.num_samples", cfg.eval.num_samples), ("eval.batch_size", cfg.eval.batch_size)]:
+        need(value >= 0, key, f"must be >= 0, got {value}")
+    need(t.grad_clip >= 0, "train.grad_clip", f"must be >= 0 (0: no clipping), got {t.grad_clip}")
+    need(t.max_nonfinite_steps >= 1, "train.max_nonfinite_steps", f"must be >= 1, got {t.max_nonfinite_steps}")
+    need(cfg.eval.sample_steps >= 1, "eval.sample_steps", f"must be >= 1, got {cfg.eval.sample_steps}")
+    need(cfg.eval.cfg_scale >= 1, "eval.cfg_scale", f"must be >= 1 (1: no guidance), got {cfg.eval.cfg_scale}")
+    need(cfg.data.num_workers >= 0, "data.num_workers", f"must be >= 0, got {cfg.data.num_workers}")
+    need(cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", f"must be >= 1, got {cfg.data.shuffle_buffer}")
+    if cfg.data.source != "digits":
+        need(cfg.data.shards != "", "data.shards",
+             f"data.source={cfg.data.source} needs the folder written by `python -m engine.data.make_shards`")
     if moe.routing in ("expert_choice",):
         need(moe.pool == "sample", "model.moe.pool", "expert_choice (EC-DiT) routes within one sample: use pool=sample")
     if cfg.diffusion.objective == "flow":
         need(cfg.diffusion.sampler in ("euler", "heun"), "diffusion.sampler",
              "rectified flow samples with 'euler' or 'heun'")
+        need(not m.learn_sigma, "model.learn_sigma",
+             "rectified flow predicts a velocity only (learned sigma is for DDPM); set it to false")
     else:
         need(cfg.diffusion.sampler in ("ddpm", "ddim"), "diffusion.sampler",
              "DDPM samples with 'ddpm' (ancestral) or 'ddim'")
+        need(cfg.diffusion.timestep_sampling == "uniform", "diffusion.timestep_sampling",
+             "DDPM trains on uniformly drawn steps; use 'uniform'")
+        need(cfg.diffusion.num_timesteps >= 2, "diffusion.num_timesteps",
+             f"must be at least 2, got {cfg.diffusion.num_timesteps}")
+        for key, steps in [("diffusion.sample_steps", cfg.diffusion.sample_steps), ("eval.sample_steps", cfg.eval.sample_steps)]:
+            need(2 <= steps <= cfg.diffusion.num_timesteps, key,
+                 f"DDPM respacing needs 2..diffusion.num_timesteps ({cfg.diffusion.num_timesteps}), got {steps}")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

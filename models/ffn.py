@@ -30,6 +30,10 @@ class DenseFFN(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None, t: torch.Tensor | None = None) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
+    def activated_params(self) -> int:
+        """Parameters applied to each token (all of them; MoE layers report their average)."""
+        return sum(p.numel() for p in self.parameters())
+
 
 def is_moe_block(cfg: ModelConfig, block_index: int) -> bool:
     """MoE replaces the FFN in blocks i with i % every == every - 1 (every=2: the odd blocks)."""

@@ -1,0 +1,101 @@
+"""Train a (MoE) Diffusion Transformer through DeepSpeed.
+
+    deepspeed --num_gpus N engine/train.py --config CONFIG [key.path=value ...]
+    torchrun --nproc_per_node N engine/train.py --config CONFIG [...]
+    python engine/train.py --config CONFIG [...]                 # one process, still a DeepSpeed engine
+
+The run directory (`train.output_dir`) gets tb/, metrics.jsonl, checkpoints/, samples/, config.yaml.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python engine/train.py`: import from the repository root, not engine/
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import torch
+
+from engine.config import ConfigError, config_or_exit
+from engine.data import build_train_loader
+from engine.ema import EMA
+from engine.preemption import PreemptionHandler
+from engine.run_dir import checkpoint_root, prepare_run_dir
+from engine.train_events import TrainEvents
+from engine.train_metrics import IntervalMeter
+from engine.train_step import after_step, train_step
+from models import build_model, moe
+from models.diffusion import build_diffusion
+from parallel.checkpoint import load_checkpoint, resolve_resume
+from parallel.expert_parallel import all_reduce_sum, attach_expert_parallel, optimizer_param_groups
+from parallel.groups import create_groups
+from parallel.zero import batch_layout, init_distributed, initialize_engine
+
+
+class NonFiniteStop(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="experiment YAML (configs/...)")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher's
+    parser.add_argument("overrides", nargs="*", help="key.path=value overrides of the config")
+    return parser.parse_args(argv)
+
+
+def train(cfg) -> None:
+    dist = init_distributed(cfg)
+    torch.manual_seed(cfg.train.seed)  # identical on all ranks: dense weights start equal everywhere
+    run = prepare_run_dir(cfg, dist.is_main)
+    groups = create_groups(cfg.parallel.ep_size)
+    model = build_model(cfg, groups.ep_rank, groups.ep_size)
+    attach_expert_parallel(model, cfg, groups)
+    mb, accum = batch_layout(cfg, dist.world_size)
+    engine = initialize_engine(model, optimizer_param_groups(model, cfg), cfg, mb, accum, dist)
+    model, ema, objective = engine.module, EMA(engine.module), build_diffusion(cfg)
+    resume_from = resolve_resume(cfg)
+    state = load_checkpoint(resume_from, engine, ema, cfg) if resume_from else {"step": 0}
+    start = state["step"]
+    loader = build_train_loader(cfg, dist.rank, dist.world_size, mb, accum, start)
+    if "data" in state:
+        loader.load_state_dict(state["data"])
+    events = TrainEvents(cfg, run, dist, engine, ema, objective, loader, start, last_checkpoint=resume_from)
+    meter = IntervalMeter(dist.device, cfg.train.global_batch_size, model.num_tokens, model.flops_per_sample(),
+                          dist.world_size)
+    preemption = PreemptionHandler()
+    moe.set_step(model, start)
+    nonfinite_in_a_row = 0
+    for step, micro_batches in zip(range(start + 1, cfg.train.max_steps + 1), loader):
+        applied = train_step(engine, objective, micro_batches, cfg, meter)
+        if applied:
+            ema.update(model, cfg.train.ema_decay)
+        after_step(model, step, applied, all_reduce_sum)
+        nonfinite_in_a_row = 0 if applied else nonfinite_in_a_row + 1
+        if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+            raise NonFiniteStop(f"stopping at step {step}: {nonfinite_in_a_row} steps in a row had a non-finite loss "
+                                f"or gradient (none was applied); last good checkpoint: {events.last_checkpoint or 'none'}")
+        stop = preemption.requested(all_reduce_sum)
+        events.after_step(step, meter, final=step == cfg.train.max_steps or stop, preempted=stop)
+        if stop:
+            events.close()
+            raise SystemExit(preemption.exit_code)
+    events.finish(meter)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cfg = config_or_exit(args.config, args.overrides)
+    try:
+        train(cfg)
+    except ConfigError as e:  # problems only visible once the world size is known
+        print(f"config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except NonFiniteStop as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

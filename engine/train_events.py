@@ -1,0 +1,122 @@
+"""What happens between training steps: log records, EMA sample grids, evaluation, checkpoints.
+
+All of it is collective (every rank calls `after_step` with the same step); only rank 0 writes.
+Time spent here is excluded from the throughput of the next log record.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from engine.monitor import Monitor
+from engine.run_dir import checkpoint_root, samples_dir
+from engine.sampling import generate, grid_labels_and_seeds, save_grid
+from models import moe
+from parallel.checkpoint import save_checkpoint
+from parallel.expert_parallel import all_reduce_sum, comm_stats
+
+if TYPE_CHECKING:
+    from engine.config import Config
+    from engine.ema import EMA
+    from engine.train_metrics import IntervalMeter
+    from models.diffusion import Objective
+    from parallel.zero import DistContext
+
+
+def due(step: int, every: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def mean_over_ranks(stats: dict[str, torch.Tensor], world_size: int) -> dict[str, torch.Tensor]:
+    """Average a dict of same-shaped tensors over all ranks with one all-reduce."""
+    if not stats:
+        return {}
+    keys = sorted(stats)
+    flat = torch.cat([stats[k].detach().double().reshape(-1) for k in keys])
+    flat = (all_reduce_sum(flat) / world_size).cpu()
+    out, offset = {}, 0
+    for k in keys:
+        n = stats[k].numel()
+        out[k] = flat[offset:offset + n].reshape(stats[k].shape).float()
+        offset += n
+    return out
+
+
+class TrainEvents:
+    def __init__(self, cfg: Config, run: Path, dist: DistContext, engine: Any, ema: EMA, objective: Objective,
+                 loader: Any, start_step: int, last_checkpoint: Path | None):
+        self.cfg, self.dist, self.engine, self.ema, self.objective, self.loader = cfg, dist, engine, ema, objective, loader
+        self.model = engine.module
+        self.last_checkpoint = last_checkpoint
+        self.monitor = Monitor(run, dist.is_main, cfg.train.max_steps, start_step, cfg.train.global_batch_size,
+                               cfg.train.progress)
+        self._classifier = None
+        self._comm_bytes: dict[str, float] = {}  # training traffic since the last log record
+        if start_step:
+            self.monitor.print(f"resumed from {last_checkpoint} at step {start_step}")
+
+    def after_step(self, step: int, meter: IntervalMeter, final: bool, preempted: bool = False) -> None:
+        t = self.cfg.train
+        self.monitor.step_done(step)
+        if due(step, t.log_every) or final:
+            self.log(step, meter)
+        sample = due(step, t.sample_every) or (final and not preempted)
+        save = due(step, t.save_every) or final
+        evaluate = self.cfg.data.source == "digits" and self.cfg.eval.num_samples > 0 and (
+            due(step, self.cfg.eval.every) or (final and not preempted))
+        if not (sample or save or evaluate):
+            return
+        self._drain_training_comm()
+        with meter.paused():
+            if sample:
+                self.sample_grid(step)
+            if save:
+                self.save(step)
+            if evaluate:
+                self.evaluate(step)
+        comm_stats(self.model)  # sampling traffic is not training traffic: drop it
+
+    def _drain_training_comm(self) -> None:
+        for k, v in comm_stats(self.model).items():
+            self._comm_bytes[k] = self._comm_bytes.get(k, 0.0) + v
+
+    def log(self, step: int, meter: IntervalMeter) -> None:
+        steps = max(meter.steps, 1)
+        values: dict[str, Any] = {"lr": float(self.engine.get_lr()[0]), **meter.reduce(all_reduce_sum)}
+        values.update(mean_over_ranks(moe.collect_stats(self.model), self.dist.world_size))
+        # bytes each rank sent per training step (mean over ranks)
+        self._drain_training_comm()
+        comm = {k: torch.tensor(v / steps) for k, v in self._comm_bytes.items()}
+        self._comm_bytes = {}
+        values.update({k: float(v) for k, v in mean_over_ranks(comm, self.dist.world_size).items()})
+        self.monitor.log(step, values)
+
+    def sample_grid(self, step: int) -> None:
+        if self.model.in_channels not in (1, 3):
+            return  # latent models: grids come from engine/sample.py, which decodes with the VAE
+        labels, seeds, nrow = grid_labels_and_seeds(self.cfg.model.num_classes)
+        with self.ema.applied_to(self.model):
+            images = generate(self.model, self.objective, labels, seeds, self.cfg.eval.cfg_scale,
+                              self.cfg.eval.sample_steps, self.cfg.diffusion.sampler)
+        if self.dist.is_main:
+            grid = save_grid(images, samples_dir(self.cfg) / f"step_{step:07d}.png", nrow)
+            self.monitor.image("samples/ema", grid, step)
+
+    def evaluate(self, step: int) -> None:
+        from engine.digits_eval import ReferenceClassifier, class_accuracy
+
+        if self._classifier is None:
+            self._classifier = ReferenceClassifier.fit(self.cfg)
+        with self.ema.applied_to(self.model):
+            acc = class_accuracy(self.model, self.objective, self._classifier, self.cfg, self.dist, all_reduce_sum)
+        self.monitor.log(step, {"eval/class_acc": acc})
+
+    def save(self, step: int) -> None:
+        state = {"step": step, "data": self.loader.state_dict()}
+        self.last_checkpoint = save_checkpoint(checkpoint_root(self.cfg), step, self.engine, self.ema, state, self.cfg)
+        self.monitor.print(f"saved checkpoint {self.last_checkpoint}")
+
+    def close(self) -> None:
+        self.monitor.close()

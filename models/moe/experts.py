@@ -1,0 +1,81 @@
+"""A bank of FFN experts with stacked weights ([E, ...], dim 0 = expert) run as grouped matmuls.
+
+Expert body (DiT MLP or SwiGLU):
+    gelu_tanh: y = W2 . gelu(W1 . x + b1) + b2          (DiffMoE / TC-DiT / EC-DiT experts)
+    swiglu:    y = W2 . (silu(Wg . x) * (Wu . x))         (recipe / Diff-MoE experts, no bias)
+Optional Diff-MoE parts:
+    time-aware: each expert owns a low-rank adaLN, Linear(d, r, no bias) -> ReLU -> Linear(r, 3d)
+                (zero-initialised) of the conditioning c, giving shift, scale, gate; the expert
+                returns x + gate * body(LayerNorm(x) * (1 + scale) + shift);
+    channel weights [R, hidden] multiply the hidden activations (global recalibration).
+Rows arrive grouped by expert (`counts`), so there is no loop over tokens nor over experts.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.moe import init
+from models.moe.grouped_mm import grouped_linear
+
+
+class ExpertBank(nn.Module):
+    def __init__(self, num: int, dim: int, hidden: int, activation: str, *, block_index: int, name: str,
+                 first_expert: int = 0, time_aware: bool = False, time_rank: int = 64):
+        super().__init__()
+        if activation not in ("gelu_tanh", "swiglu"):
+            raise ValueError(f"model.moe.activation: unknown activation {activation!r}")
+        self.num, self.dim, self.hidden = num, dim, hidden
+        self.swiglu = activation == "swiglu"
+        self.time_aware = time_aware
+        up = 2 * hidden if self.swiglu else hidden  # SwiGLU: gate and up projections fused
+        self.w1 = nn.Parameter(torch.empty(num, dim, up))
+        self.w2 = nn.Parameter(torch.empty(num, hidden, dim))
+        self.b1 = None if self.swiglu else nn.Parameter(torch.empty(num, hidden))
+        self.b2 = None if self.swiglu else nn.Parameter(torch.empty(num, dim))
+        if time_aware:
+            self.ada_down = nn.Parameter(torch.empty(num, dim, time_rank))
+            self.ada_up = nn.Parameter(torch.empty(num, time_rank, 3 * dim))
+            self.ada_up_bias = nn.Parameter(torch.empty(num, 3 * dim))
+        for local in range(num):
+            self._init_expert(local, init.init_generator(block_index, name, first_expert + local))
+
+    def _init_expert(self, e: int, gen: torch.Generator) -> None:
+        d, h = self.dim, self.hidden
+        if self.swiglu:  # gate and up are two d -> h maps
+            init.xavier_uniform(self.w1[e, :, :h], d, h, gen)
+            init.xavier_uniform(self.w1[e, :, h:], d, h, gen)
+        else:
+            init.xavier_uniform(self.w1[e], d, h, gen)
+            init.zeros(self.b1[e])
+            init.zeros(self.b2[e])
+        init.xavier_uniform(self.w2[e], h, d, gen)
+        if self.time_aware:
+            init.linear_default(self.ada_down[e], d, gen)
+            init.zeros(self.ada_up[e])  # every expert starts as identity + 0
+            init.zeros(self.ada_up_bias[e])
+
+    def params_per_expert(self) -> int:
+        return sum(p[0].numel() for p in self.parameters())
+
+    def forward(self, x: torch.Tensor, counts: list[int], cond: torch.Tensor | None = None,
+                channel_weights: torch.Tensor | None = None) -> torch.Tensor:
+        """x [R, d] grouped by expert, counts [E]; cond [R, d] (time-aware); channel_weights [R, hidden]."""
+        h_in = x
+        if self.time_aware:
+            if cond is None:
+                raise ValueError("time-aware experts need the conditioning rows `cond`")
+            low = F.relu(grouped_linear(cond.to(x.dtype), self.ada_down, None, counts))
+            shift, scale, gate = grouped_linear(low, self.ada_up, self.ada_up_bias, counts).chunk(3, dim=-1)
+            h_in = F.layer_norm(x, (self.dim,), eps=1e-6) * (1 + scale) + shift
+        hidden = grouped_linear(h_in, self.w1, self.b1, counts)
+        if self.swiglu:
+            g, u = hidden.chunk(2, dim=-1)
+            hidden = F.silu(g) * u
+        else:
+            hidden = F.gelu(hidden, approximate="tanh")
+        if channel_weights is not None:
+            hidden = hidden * channel_weights.to(hidden.dtype)
+        out = grouped_linear(hidden, self.w2, self.b2, counts)
+        return x + gate * out if self.time_aware else out

@@ -1,0 +1,22 @@
+"""Auxiliary losses of the MoE layers (returned unweighted; the layer applies the config weights)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def load_balance_loss(probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+    """Switch / DeepSeek balance loss E * sum_e f_e * P_e.
+
+    probs [T, E]: per-token router distribution; chosen [T, E] bool: the token's top-k choices
+    (before any capacity drop). f_e = share of all choices that went to e, P_e = mean probability
+    of e. Equals 1 when routing is uniform, grows as load and probability concentrate.
+    """
+    num_experts = probs.shape[1]
+    f = chosen.float().sum(0) / chosen.sum().clamp_min(1)
+    return num_experts * (f * probs.mean(0)).sum()
+
+
+def predictor_loss(logits: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """BCE-with-logits of the capacity predictor against the expert-choice selection mask."""
+    return F.binary_cross_entropy_with_logits(logits.float(), selected.float())

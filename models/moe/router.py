@@ -1,0 +1,50 @@
+"""Routers: per-token affinities to every expert, computed in fp32.
+
+- `softmax` (DiffMoE, TC-DiT, EC-DiT, Diff-MoE): logits = x . W_g (no bias, N(0, router_init_std)),
+  scores = softmax over experts.
+- `sigmoid_bias` (DeepSeek-V3, the practical recipe): scores = sigmoid(logits); top-k is chosen on
+  scores + a per-expert balancing bias that is not trained by gradients but nudged after each
+  optimiser step towards equal load (`update_bias`), the auxiliary-loss-free balancing.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.moe import init
+
+
+class Router(nn.Module):
+    def __init__(self, dim: int, num_experts: int, kind: str, init_std: float, block_index: int):
+        super().__init__()
+        if kind not in ("softmax", "sigmoid_bias"):
+            raise ValueError(f"model.moe.router: unknown router {kind!r}")
+        self.kind = kind
+        self.num_experts = num_experts
+        self.weight = nn.Parameter(torch.empty(num_experts, dim))
+        init.normal(self.weight, init_std, init.init_generator(block_index, "router"))
+        if kind == "sigmoid_bias":
+            self.register_buffer("balance_bias", torch.zeros(num_experts))
+            # (token, expert) choices counted since the last bias update; summed over ranks then.
+            self.register_buffer("load", torch.zeros(num_experts), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, d] -> (affinity [T, E] fp32 used as combine weights, selection score [T, E] fp32)."""
+        with torch.autocast(device_type=x.device.type, enabled=False):  # routing decisions stay fp32
+            logits = F.linear(x.float(), self.weight.float())
+        if self.kind == "softmax":
+            scores = logits.softmax(dim=-1)
+            return scores, scores
+        scores = logits.sigmoid()
+        return scores, scores + self.balance_bias
+
+    def probabilities(self, affinity: torch.Tensor) -> torch.Tensor:
+        """Affinities normalised to a distribution per token (for balance loss and entropy)."""
+        return affinity if self.kind == "softmax" else affinity / affinity.sum(-1, keepdim=True).clamp_min(1e-20)
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor, rate: float) -> None:
+        """DeepSeek-V3: + rate for experts below the mean load, - rate above it."""
+        self.balance_bias.add_(rate * torch.sign(load.mean() - load))
+        self.load.zero_()

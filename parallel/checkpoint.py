@@ -1,0 +1,531 @@
+"""Checkpoints we own (DeepSpeed's own would save rank 0's module and drop every other rank's experts).
+
+    path  = save_checkpoint(ckpt_root, step, engine, ema, train_state, cfg)   # collective
+    state = load_checkpoint(path, engine, ema, cfg)                            # collective, reshards
+    path  = resolve_resume(cfg)                                                # train.resume
+
+One folder per step, `ckpt_root/step_XXXXXXX/`:
+
+    dense.safetensors                 every non-expert tensor, whole (ZeRO partitions consolidated):
+                                      model/<name> (fp32 master weight, buffers as they are),
+                                      <state>/<name> (exp_avg, exp_avg_sq), ema/<name>
+    experts_AAAA-BBBB.safetensors     the same for global experts AAAA..BBBB (one expert-parallel shard),
+                                      tensors stacked with dim 0 = expert; written by the first rank
+                                      of that shard's expert-data-parallel group
+    rng/rank_RRRRR.pt                 each rank's torch / CUDA / numpy / python RNG states
+    manifest.json                     step, config, world and expert-parallel sizes, tensor table
+                                      (global shapes, expert or not), files (experts held, sha256),
+                                      optimizer scalars, lr schedule, train_state (data position)
+
+`latest` (next to the step folders) names the newest complete checkpoint. Atomicity: see
+`parallel.checkpoint_io`. Loading reads the dense file and the expert files that cover this rank's
+experts, so any `parallel.ep_size` dividing `model.moe.num_experts`, at any world size, can load
+a checkpoint saved at any other. RNG states are restored only at the saving world size (the
+training randomness is addressed by sample index, `engine/rng.py`, so it does not depend on them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.distributed as dist
+
+from parallel.checkpoint_io import (MANIFEST, CheckpointError, fsync_dir, publish_dir, read_pointer,
+                                    read_verified, remove_dir, remove_leftovers, temp_dir_for, write_durable,
+                                    write_pointer)
+from parallel.groups import create_groups
+from parallel.zero_state import ZeroOptimizerState
+
+if TYPE_CHECKING:
+    from engine.config import Config
+
+__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "resolve_resume", "checkpoint_dir",
+           "read_manifest", "read_tensors", "step_dir_name"]
+
+log = logging.getLogger(__name__)
+
+FORMAT = "diffmoe-checkpoint"
+VERSION = 1
+DENSE_FILE = "dense.safetensors"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class EMALike(Protocol):
+    def state_dict(self) -> dict[str, torch.Tensor]: ...
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None: ...
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _expert_file(first: int, last: int) -> str:
+    return f"experts_{first:04d}-{last:04d}.safetensors"
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng/rank_{rank:05d}.pt"
+
+
+def _is_expert(t: torch.Tensor) -> bool:
+    return bool(getattr(t, "_is_expert", False))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where this rank sits: which experts it holds and which files it writes."""
+
+    rank: int
+    world_size: int
+    ep_rank: int
+    ep_size: int
+    num_experts: int
+    first_of_expert_dp: bool  # writes its expert-parallel shard's file
+
+    @property
+    def local_experts(self) -> int:
+        return self.num_experts // self.ep_size
+
+    @property
+    def expert_ids(self) -> list[int]:
+        return list(range(self.ep_rank * self.local_experts, (self.ep_rank + 1) * self.local_experts))
+
+
+def _layout(cfg: Config, tensors: dict[str, torch.Tensor]) -> _Layout:
+    groups = create_groups(cfg.parallel.ep_size)  # the trainer's groups (created once, returned again)
+    layout = _Layout(groups.rank, groups.world_size, groups.ep_rank, groups.ep_size, cfg.model.moe.num_experts,
+                     groups.expert_dp_rank == 0)
+    for name, t in tensors.items():
+        if _is_expert(t) and (t.dim() == 0 or t.shape[0] != layout.local_experts):
+            raise CheckpointError(f"expert tensor '{name}' has shape {tuple(t.shape)}; expected dim 0 = "
+                                  f"{layout.local_experts} local experts (model.moe.num_experts="
+                                  f"{layout.num_experts} / parallel.ep_size={layout.ep_size})")
+    return layout
+
+
+def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers under their state-dict names (the objects themselves)."""
+    return model.state_dict(keep_vars=True)
+
+
+def _agree(error: str | None, what: str) -> None:
+    """Collective: raise on every rank if any rank failed, so no rank waits alone in a later collective."""
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        first = failed[0][1]
+        others = f" (and {len(failed) - 1} more ranks)" if len(failed) > 1 else ""
+        raise CheckpointError(f"{what} failed on rank {failed[0][0]}{others}: {first}")
+
+
+# --------------------------------------------------------------------------------------------
+# Save
+# --------------------------------------------------------------------------------------------
+
+
+def save_checkpoint(ckpt_root: Path, step: int, engine: Any, ema: EMALike | None, train_state: dict,
+                    cfg: Config) -> Path:
+    """Write `ckpt_root/step_{step:07d}/` atomically, then point `latest` at it and keep the newest
+    `cfg.train.keep_checkpoints`. Collective: every rank calls it. Returns the folder."""
+    ckpt_root = Path(ckpt_root)
+    final = ckpt_root / step_dir_name(step)
+    tmp = temp_dir_for(final)
+    started = time.monotonic()
+    model = engine.module
+    tensors = _model_tensors(model)
+    zero = ZeroOptimizerState(engine)
+    layout = _layout(cfg, tensors)
+
+    error = None
+    if layout.rank == 0:
+        try:
+            ckpt_root.mkdir(parents=True, exist_ok=True)
+            remove_leftovers(ckpt_root)
+            tmp.mkdir()
+        except OSError as e:
+            error = f"cannot create {tmp}: {e}"
+    _agree(error, f"saving checkpoint {final}")
+
+    # Gathering is collective (each optimizer parameter over its data-parallel group); writing is not.
+    dense, experts, table, state_keys = _collect(model, tensors, zero, ema, layout)
+    scalars = zero.scalar_state()
+    files: dict[str, dict[str, Any]] = {}
+    error = None
+    try:
+        if layout.rank == 0:
+            files[DENSE_FILE] = _write_tensors(tmp / DENSE_FILE, dense, None)
+        if experts and layout.first_of_expert_dp:
+            ids = layout.expert_ids
+            files[_expert_file(ids[0], ids[-1])] = _write_tensors(tmp / _expert_file(ids[0], ids[-1]), experts, ids)
+        rng_name = _rng_file(layout.rank)
+        files[rng_name] = _record(write_durable(tmp / rng_name, _rng_bytes()), tmp / rng_name, None)
+        manifest_text = _manifest_text(step, cfg, engine, layout, table, state_keys, scalars, train_state)
+    except (OSError, CheckpointError, TypeError, ValueError) as e:
+        error = str(e)
+    everyone: list[Any] = [None] * layout.world_size
+    dist.all_gather_object(everyone, (error, files))
+    failed = [(r, e) for r, (e, _) in enumerate(everyone) if e is not None]
+    error = None
+    if not failed and layout.rank == 0:
+        try:
+            all_files = {name: rec for _, rank_files in everyone for name, rec in rank_files.items()}
+            manifest = json.loads(manifest_text)
+            manifest["files"] = dict(sorted(all_files.items()))
+            write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+            fsync_dir(tmp / "rng")
+            publish_dir(tmp, final)
+            write_pointer(ckpt_root, final.name)
+            _prune(ckpt_root, cfg.train.keep_checkpoints, keep=final.name)
+        except OSError as e:
+            error = f"cannot publish {final}: {e}"
+    if failed:
+        raise CheckpointError(f"saving checkpoint {final} failed on rank {failed[0][0]}: {failed[0][1]} "
+                              f"(the previous checkpoint and `latest` are untouched)")
+    _agree(error, f"saving checkpoint {final}")
+    if layout.rank == 0:
+        size = sum(rec["bytes"] for _, rank_files in everyone for rec in rank_files.values())
+        log.info("saved checkpoint %s (%.1f MB, %.1f s)", final, size / 2**20, time.monotonic() - started)
+    return final
+
+
+def _collect(model: torch.nn.Module, tensors: dict[str, torch.Tensor], zero: ZeroOptimizerState,
+             ema: EMALike | None, layout: _Layout
+             ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any], list[str]]:
+    """Whole tensors for the files this rank writes: (dense, experts, tensor table, optimizer state keys)."""
+    state_keys = zero.tensor_keys()
+    dense: dict[str, torch.Tensor] = {}
+    experts: dict[str, torch.Tensor] = {}
+    table: dict[str, Any] = {}
+    ema_state = ema.state_dict() if ema is not None else {}
+    unknown = sorted(set(ema_state) - set(tensors))
+    if unknown:
+        raise CheckpointError(f"EMA tensors {unknown[:5]} are not model tensors")
+    for name, t in tensors.items():
+        expert = _is_expert(t)
+        keeps = layout.first_of_expert_dp if expert else layout.rank == 0
+        out = experts if expert else dense
+        in_optimizer = zero.manages(t)
+        if in_optimizer:
+            master = zero.gather(t, None)
+            moments = {key: zero.gather(t, key) for key in state_keys}
+        if keeps:
+            out[f"model/{name}"] = master if in_optimizer else t.detach().cpu().clone()
+            if in_optimizer:
+                out.update({f"{key}/{name}": value for key, value in moments.items()})
+            if name in ema_state:
+                out[f"ema/{name}"] = ema_state[name].detach().cpu().clone()
+        shape = list(t.shape)
+        if expert:
+            shape[0] = layout.num_experts
+        table[name] = {"shape": shape, "dtype": str(t.dtype).removeprefix("torch."), "expert": expert,
+                       "optimizer": in_optimizer, "ema": name in ema_state}
+    return dense, experts, table, state_keys
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], expert_ids: list[int] | None) -> dict[str, Any]:
+    data = safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()})
+    return _record(write_durable(path, data), path, expert_ids)
+
+
+def _record(sha256: str, path: Path, expert_ids: list[int] | None) -> dict[str, Any]:
+    return {"sha256": sha256, "bytes": path.stat().st_size, "experts": expert_ids}
+
+
+def _rng_bytes() -> bytes:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def _set_rng(data: bytes) -> None:
+    state = torch.load(io.BytesIO(data), weights_only=True)
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _engine_lr_scheduler(engine: Any) -> Any:
+    return getattr(engine, "lr_scheduler", None)
+
+
+def _manifest_text(step: int, cfg: Config, engine: Any, layout: _Layout, table: dict[str, Any],
+                   state_keys: list[str], scalars: dict[str, Any], train_state: dict) -> str:
+    scheduler = _engine_lr_scheduler(engine)
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": step,
+        "world_size": layout.world_size,
+        "ep_size": layout.ep_size,
+        "num_experts": layout.num_experts,
+        "zero_stage": cfg.parallel.zero_stage,
+        "optimizer": {
+            "state_keys": state_keys,
+            "scalars": scalars,
+            "param_groups": [{"lr": g["lr"]} for g in engine.optimizer.param_groups],
+        },
+        "lr_scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "engine": {"global_steps": engine.global_steps, "global_samples": engine.global_samples,
+                   "skipped_steps": engine.skipped_steps},
+        "train_state": train_state,
+        "tensors": table,
+        "config": dataclasses.asdict(cfg),
+    }
+    try:
+        return json.dumps(manifest)
+    except TypeError as e:  # e.g. a tensor in train_state: the manifest is JSON on purpose (readable, portable)
+        raise CheckpointError(f"train_state must hold JSON values only ({e})") from None
+
+
+def _prune(root: Path, keep_last: int, keep: str) -> None:
+    """Delete complete step folders beyond the newest `keep_last` (never `keep`, the new `latest`)."""
+    complete = sorted((int(m.group(1)), p) for p in root.iterdir()
+                      if (m := _STEP_DIR.match(p.name)) and (p / MANIFEST).is_file())
+    for _, path in complete[:-keep_last]:
+        if path.name != keep:
+            remove_dir(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Read
+# --------------------------------------------------------------------------------------------
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of checkpoint folder `path`; errors name the folder."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint folder {path} does not exist")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a complete checkpoint: no {MANIFEST}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path / MANIFEST} is unreadable: {e}") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise CheckpointError(f"{path / MANIFEST}: not a {FORMAT} v{VERSION} manifest "
+                              f"(format {manifest.get('format')!r}, version {manifest.get('version')!r})")
+    return manifest
+
+
+def read_tensors(path: Path, manifest: dict[str, Any], expert_ids: list[int]) -> dict[str, torch.Tensor]:
+    """`section/name` -> tensor (sections: model, ema, optimizer state keys): dense tensors whole,
+    expert tensors stacked over `expert_ids` (in that order), from files verified against the manifest."""
+    path = Path(path)
+    out: dict[str, torch.Tensor] = {}
+    rows: dict[str, list[torch.Tensor | None]] = {}
+    has_experts = any(rec["expert"] for rec in manifest["tensors"].values())
+    wanted = set(expert_ids) if has_experts else set()
+    found: set[int] = set()
+    for name, rec in manifest["files"].items():
+        if name == DENSE_FILE:
+            out.update(_load_safetensors(path / name, rec["sha256"]))
+        elif rec["experts"] is not None and wanted & set(rec["experts"]):
+            held = rec["experts"]
+            tensors = _load_safetensors(path / name, rec["sha256"])
+            for e in sorted(wanted & set(held)):
+                found.add(e)
+                for key, t in tensors.items():
+                    rows.setdefault(key, [None] * len(expert_ids))[expert_ids.index(e)] = t[held.index(e)]
+    if DENSE_FILE not in manifest["files"]:
+        raise CheckpointError(f"{path / MANIFEST} lists no {DENSE_FILE}")
+    missing = sorted(wanted - found)
+    if missing:
+        raise CheckpointError(f"checkpoint {path} holds no file with experts {missing[:8]}")
+    for key, stacked in rows.items():
+        if any(r is None for r in stacked):
+            raise CheckpointError(f"checkpoint {path}: tensor '{key}' is missing for some experts")
+        out[key] = torch.stack(stacked)
+    return out
+
+
+def _load_safetensors(file: Path, sha256: str) -> dict[str, torch.Tensor]:
+    data = read_verified(file, sha256)
+    try:
+        return safetensors.torch.load(data)
+    except Exception as e:  # safetensors raises its own error types for a malformed header
+        raise CheckpointError(f"checkpoint file {file} is not a valid safetensors file: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: Path, engine: Any, ema: EMALike | None, cfg: Config) -> dict:
+    """Restore weights, optimizer state, EMA, lr schedule and RNG from checkpoint folder `path`, resharding
+    experts to this run's layout; returns the saved `train_state`. Collective: every rank calls it."""
+    path = Path(path)
+    model = engine.module
+    tensors = _model_tensors(model)
+    zero = ZeroOptimizerState(engine)
+    layout = _layout(cfg, tensors)
+    error, manifest, loaded, rng = None, {}, {}, None
+    try:
+        manifest = read_manifest(path)
+        _check_compatible(path, manifest, tensors, zero, ema, layout)
+        loaded = read_tensors(path, manifest, layout.expert_ids)
+        if manifest["world_size"] == layout.world_size:
+            name = _rng_file(layout.rank)
+            rng = read_verified(path / name, manifest["files"][name]["sha256"])
+    except CheckpointError as e:
+        error = str(e)
+    _agree(error, f"loading checkpoint {path}")
+
+    opt = manifest["optimizer"]
+    scalars = {k: tuple(v) for k, v in opt["scalars"].items()}
+    if opt["state_keys"] or scalars:
+        zero.prepare_state(opt["state_keys"], scalars)
+    with torch.no_grad():
+        for name, t in tensors.items():
+            value = loaded[f"model/{name}"]
+            if manifest["tensors"][name]["optimizer"]:
+                zero.set(t, None, value)
+                for key in opt["state_keys"]:
+                    zero.set(t, key, loaded[f"{key}/{name}"])
+            t.copy_(value)
+    if ema is not None:
+        ema.load_state_dict({name: loaded[f"ema/{name}"] for name in ema.state_dict()})
+    _restore_schedule(engine, manifest, path)
+    if rng is not None:
+        _set_rng(rng)
+    elif layout.rank == 0:
+        log.info("checkpoint %s was saved at world size %d: RNG states not restored (training draws are "
+                 "addressed by sample index and do not depend on them)", path, manifest["world_size"])
+    dist.barrier()
+    if layout.rank == 0:
+        log.info("loaded checkpoint %s (step %d, saved at world %d / ep_size %d)", path, manifest["step"],
+                 manifest["world_size"], manifest["ep_size"])
+    return manifest["train_state"]
+
+
+def _check_compatible(path: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor],
+                      zero: ZeroOptimizerState, ema: EMALike | None, layout: _Layout) -> None:
+    saved = manifest["tensors"]
+    missing, unexpected = sorted(set(tensors) - set(saved)), sorted(set(saved) - set(tensors))
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {path} does not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]} (is it the same model config?)")
+    has_experts = any(rec["expert"] for rec in saved.values())
+    if has_experts and manifest["num_experts"] != layout.num_experts:
+        raise CheckpointError(f"checkpoint {path} has {manifest['num_experts']} experts, model.moe.num_experts "
+                              f"is {layout.num_experts}")
+    for name, t in tensors.items():
+        rec = saved[name]
+        shape = list(t.shape)
+        if _is_expert(t):
+            shape[0] = layout.num_experts
+        if rec["expert"] != _is_expert(t) or rec["shape"] != shape:
+            raise CheckpointError(f"checkpoint {path}: tensor '{name}' was saved with shape {rec['shape']} "
+                                  f"(expert: {rec['expert']}), the model's is {shape} (expert: {_is_expert(t)})")
+        if manifest["optimizer"]["state_keys"] and rec["optimizer"] != zero.manages(t):
+            raise CheckpointError(f"checkpoint {path}: parameter '{name}' is "
+                                  f"{'not ' if zero.manages(t) else ''}trained by the optimizer now but "
+                                  f"was{'' if rec['optimizer'] else ' not'} when saved (requires_grad changed?)")
+    if ema is not None:
+        absent = sorted(n for n in ema.state_dict() if not saved[n]["ema"])
+        if absent:
+            raise CheckpointError(f"checkpoint {path} holds no EMA of {absent[:5]}")
+
+
+def _restore_schedule(engine: Any, manifest: dict[str, Any], path: Path) -> None:
+    """DeepSpeed's step counters, and the lr schedule with the current lr of every param group."""
+    counters = manifest["engine"]
+    engine.global_steps = counters["global_steps"]
+    engine.global_samples = counters["global_samples"]
+    engine.skipped_steps = counters["skipped_steps"]
+    engine.micro_steps = counters["global_steps"] * engine.gradient_accumulation_steps()
+    scheduler = _engine_lr_scheduler(engine)
+    if scheduler is None or manifest["lr_scheduler"] is None:
+        return  # a constant lr comes from the config (so it can be changed on resume)
+    scheduler.load_state_dict(manifest["lr_scheduler"])
+    saved = [g["lr"] for g in manifest["optimizer"]["param_groups"]]
+    groups = engine.optimizer.param_groups
+    if len(saved) != len(groups) and len(set(saved)) != 1:
+        raise CheckpointError(f"checkpoint {path} has {len(saved)} optimizer param groups with different "
+                              f"learning rates, this run has {len(groups)}")
+    for i, group in enumerate(groups):
+        group["lr"] = saved[i] if len(saved) == len(groups) else saved[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Which checkpoint
+# --------------------------------------------------------------------------------------------
+
+
+def _complete_steps(root: Path) -> list[tuple[int, Path]]:
+    if not root.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in root.iterdir()
+                  if (m := _STEP_DIR.match(p.name)) and (p / MANIFEST).is_file())
+
+
+def checkpoint_dir(run_dir: Path, step: int | None = None) -> Path:
+    """`run_dir/checkpoints/step_N` for `step`, else the folder `latest` points to; errors list what exists."""
+    root = Path(run_dir) / "checkpoints"
+    available = [s for s, _ in _complete_steps(root)]
+    if step is not None:
+        path = root / step_dir_name(step)
+        if not (path / MANIFEST).is_file():
+            raise CheckpointError(f"no complete checkpoint {path} (steps in {root}: {available or 'none'})")
+        return path
+    name = read_pointer(root) if root.is_dir() else None
+    if name is None:
+        raise CheckpointError(f"no checkpoint in {root} (no '{root / 'latest'}')")
+    return _pointed_or_newest(root, name)
+
+
+def _pointed_or_newest(root: Path, name: str) -> Path:
+    path = root / name
+    if (path / MANIFEST).is_file():
+        return path
+    complete = _complete_steps(root)
+    if not complete:
+        raise CheckpointError(f"{root / 'latest'} points to {path}, which is not a complete checkpoint, "
+                              f"and {root} holds no other")
+    newest = complete[-1][1]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        log.warning("%s points to %s, which is not a complete checkpoint; using the newest complete one, %s",
+                    root / "latest", path, newest)
+    return newest
+
+
+def resolve_resume(cfg: Config) -> Path | None:
+    """`train.resume`: "" -> None; "auto" -> the folder `latest` points to under run_dir/checkpoints
+    (None when there is none yet); anything else -> that checkpoint folder (error if not complete)."""
+    spec = cfg.train.resume
+    if spec == "":
+        return None
+    if spec == "auto":
+        root = cfg.run_dir / "checkpoints"
+        name = read_pointer(root) if root.is_dir() else None
+        return None if name is None else _pointed_or_newest(root, name)
+    path = Path(spec)
+    if not path.is_dir():
+        raise CheckpointError(f"train.resume: checkpoint folder {path} does not exist")
+    if not (path / MANIFEST).is_file():
+        hint = " (a run's checkpoints are in RUN_DIR/checkpoints/step_XXXXXXX; or use train.resume=auto)"
+        raise CheckpointError(f"train.resume: {path} is not a complete checkpoint (no {MANIFEST}){hint}")
+    return path

@@ -1,0 +1,172 @@
+"""Process group start-up and the DeepSpeed ZeRO engine the trainer runs through.
+
+    dist   = init_distributed(cfg)                 # deepspeed / torchrun / plain `python` alike
+    engine = initialize_engine(model, optimizer_param_groups(model, cfg), cfg, mb, accum)
+
+Every run goes through a DeepSpeed engine, world size 1 included, so one code path is tested.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from engine.config import Config
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _default_single_process_env() -> None:
+    """A plain `python engine/train.py` is rank 0 of a world of 1 on a free loopback port."""
+    if "WORLD_SIZE" in os.environ:
+        return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def resolve_backend(requested: str) -> str:
+    if requested == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if requested == "nccl" and not torch.cuda.is_available():
+        from engine.config import ConfigError
+
+        raise ConfigError("parallel.backend: 'nccl' needs CUDA devices; use 'gloo' or 'auto' on CPU")
+    return requested
+
+
+def init_distributed(cfg: Config) -> DistContext:
+    """Join (or create) the default process group and pick this rank's device.
+
+    Launchers set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; without them this is a single process.
+    On CPU each rank gets its share of the cores unless OMP_NUM_THREADS says otherwise.
+    """
+    _default_single_process_env()
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    # torchrun exports LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE.
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+    backend = resolve_backend(cfg.parallel.backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world_size))
+
+    import deepspeed
+
+    _quiet_deepspeed(rank)
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+    return DistContext(rank, world_size, local_rank, local_world_size, device, backend)
+
+
+def _quiet_deepspeed(rank: int) -> None:
+    """DeepSpeed logs every engine detail at INFO; keep warnings (rank 0) and errors (others)."""
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.WARNING if rank == 0 else logging.ERROR)
+
+
+def use_bf16(cfg: Config, device: torch.device) -> bool:
+    """`auto`: bf16 on CUDA, fp32 on CPU."""
+    return cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+
+
+def batch_layout(cfg: Config, data_parallel_size: int) -> tuple[int, int]:
+    """(micro_batch_size per rank, gradient accumulation steps) for the configured global batch."""
+    from engine.config import ConfigError
+
+    t = cfg.train
+    mb = t.micro_batch_size or t.global_batch_size // data_parallel_size
+    per_step = mb * data_parallel_size
+    if mb <= 0 or t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of micro_batch_size {mb} "
+            f"x data-parallel world {data_parallel_size}")
+    return mb, t.global_batch_size // per_step
+
+
+def deepspeed_config(cfg: Config, micro_batch_size: int, grad_accum: int, world_size: int | None = None,
+                     bf16: bool = False) -> dict[str, Any]:
+    """The DeepSpeed JSON config derived from ours (the optimizer and schedule are built here too)."""
+    world_size = world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1"))
+    zero: dict[str, Any] = {"stage": cfg.parallel.zero_stage, "contiguous_gradients": True,
+                            "overlap_comm": torch.cuda.is_available()}
+    return {
+        "train_batch_size": micro_batch_size * grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": cfg.train.grad_clip,
+        "zero_optimization": zero,
+        # With bf16 ZeRO keeps fp32 master weights; a non-finite gradient norm skips the step
+        # (fp32 ZeRO-1/2 skips on its own).
+        "bf16": {"enabled": bf16, "check_grad_overflow": True},
+        "steps_per_print": 2**31 - 1,  # our monitor logs; silence DeepSpeed's own reports
+        "wall_clock_breakdown": False,
+    }
+
+
+def _check_zero_stage(stage: int) -> None:
+    from engine.config import ConfigError
+
+    if stage == 0:
+        raise ConfigError("parallel.zero_stage: 0 is not supported; use 1 or 2 (ZeRO-1 costs no extra "
+                          "communication and provides the gradient norm and the non-finite step guard)")
+    if stage == 3:
+        raise ConfigError("parallel.zero_stage: 3 is not supported; use 1 or 2 (ZeRO-3 partitions the "
+                          "parameters, but the EMA, the sampler and the expert-parallel MoE layers need "
+                          "every dense parameter whole on each rank)")
+
+
+def build_optimizer(param_groups: list[dict], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    t = cfg.train
+    fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(param_groups, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay, **fused)
+
+
+def warmup_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int) -> torch.optim.lr_scheduler.LambdaLR | None:
+    """Linear warm-up to the configured lr over `warmup_steps` optimizer steps, then constant."""
+    if warmup_steps <= 0:
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps))
+
+
+def initialize_engine(model: torch.nn.Module, param_groups: list[dict], cfg: Config, micro_batch_size: int,
+                      grad_accum: int, dist: DistContext) -> Any:
+    """A DeepSpeed engine over `model`: ZeRO stage from config, AdamW, bf16 when `use_bf16`."""
+    import deepspeed
+
+    _check_zero_stage(cfg.parallel.zero_stage)
+    model.to(dist.device)
+    optimizer = build_optimizer(param_groups, cfg, dist.device)
+    ds_config = deepspeed_config(cfg, micro_batch_size, grad_accum, dist.world_size, use_bf16(cfg, dist.device))
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                      lr_scheduler=warmup_schedule(optimizer, cfg.train.warmup_steps),
+                                      config=ds_config, dist_init_required=False)
+    return engine
+

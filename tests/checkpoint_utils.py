@@ -1,0 +1,82 @@
+"""A tiny MoE DiT on a real DeepSpeed ZeRO engine, built the trainer's way, for the checkpoint tests.
+
+    cfg, engine, ema = build_engine(["parallel.ep_size=2"])   # inside a rank (tests.dist_utils) or a process
+    loss = train_step(engine, ema, step)
+    state = reference_state(engine, ema)   # whole tensors through DeepSpeed's own API (after a step)
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+# 2 blocks (block 1 is DiffMoE with 4 experts), 16 tokens per 8x8 image, 4 images per step.
+TINY_MOE = [
+    "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "model.input_size=8", "model.in_channels=3",
+    "model.num_classes=5", "model.moe.routing=diffmoe", "model.moe.num_experts=4", "model.moe.every=2",
+    "model.moe.pool=micro_batch", "train.global_batch_size=4", "train.warmup_steps=3", "train.lr=0.001",
+    "train.ema_decay=0.9", "train.weight_decay=0.01", "parallel.backend=gloo",
+]
+
+
+def build_engine(overrides: list[str], seed: int = 0):
+    """(cfg, DeepSpeed engine, EMA) as engine/train.py builds them."""
+    from engine.config import load_config
+    from engine.ema import EMA
+    from models import build_model
+    from parallel.expert_parallel import attach_expert_parallel, optimizer_param_groups
+    from parallel.groups import create_groups
+    from parallel.zero import batch_layout, init_distributed, initialize_engine
+
+    cfg = load_config(None, TINY_MOE + overrides)
+    ctx = init_distributed(cfg)
+    torch.set_num_threads(1)
+    groups = create_groups(cfg.parallel.ep_size)
+    torch.manual_seed(seed)
+    model = build_model(cfg, groups.ep_rank, groups.ep_size)
+    attach_expert_parallel(model, cfg, groups)
+    mb, accum = batch_layout(cfg, ctx.world_size)
+    engine = initialize_engine(model, optimizer_param_groups(model, cfg), cfg, mb, accum, ctx)
+    return cfg, engine, EMA(engine.module)
+
+
+def train_step(engine, ema, step: int) -> float:
+    """One optimizer step on a random regression batch (different on every rank and step), then the EMA."""
+    from models import moe
+
+    g = torch.Generator().manual_seed(1000 * step + dist.get_rank())
+    mb = engine.train_micro_batch_size_per_gpu()
+    x = torch.randn(mb, 3, 8, 8, generator=g)
+    t = torch.rand(mb, generator=g)
+    y = torch.randint(0, 5, (mb,), generator=g)
+    target = torch.randn(mb, 3, 8, 8, generator=g)
+    loss = (engine(x, t, y) - target).pow(2).mean() + moe.collect_aux_loss(engine.module)
+    engine.backward(loss)
+    engine.step()
+    ema.update(engine.module, 0.9)
+    return loss.item()
+
+
+def reference_state(engine, ema) -> dict[str, torch.Tensor]:
+    """Every tensor a resume must restore, read through DeepSpeed's own accessors (valid after a step):
+    model tensors, fp32 master weights, Adam moments and step, EMA, learning rates, step counters."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    out: dict[str, torch.Tensor] = {}
+    for name, t in engine.module.state_dict(keep_vars=True).items():
+        out[f"model/{name}"] = t.detach().cpu().clone()
+        if isinstance(t, torch.nn.Parameter) and t.requires_grad:
+            out[f"master/{name}"] = safe_get_full_fp32_param(t).cpu()
+            for key in ("exp_avg", "exp_avg_sq"):
+                out[f"{key}/{name}"] = safe_get_full_optimizer_state(t, key).cpu()
+    out.update({f"ema/{k}": v.cpu().clone() for k, v in ema.state_dict().items()})
+    base = engine.optimizer.optimizer
+    out["adam_step"] = torch.tensor([float(base.state[p]["step"]) for g in base.param_groups for p in g["params"]])
+    out["lr"] = torch.tensor([g["lr"] for g in engine.optimizer.param_groups])
+    out["counters"] = torch.tensor([engine.global_steps, engine.global_samples, engine.micro_steps])
+    return out
+
+
+def mismatches(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    """Keys missing on one side or not bit-for-bit equal."""
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if k not in a or k not in b or a[k].shape != b[k].shape or not torch.equal(a[k], b[k])]

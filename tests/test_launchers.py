@@ -1,0 +1,231 @@
+"""Launchers under a fake Slurm: `scontrol`, `srun` and the trainer are small executables on PATH.
+
+The fake `srun` runs every task locally with Slurm's per-task variables and forwards SIGUSR1 to
+them, like the real one; the fake trainer records its environment and plays the preemption path
+(checkpoint-free: it only exits with the requeue code).
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LAUNCHERS = REPO / "launchers"
+SCRIPTS = sorted(LAUNCHERS.glob("*.sh"))
+SLURM_SCRIPTS = {
+    "slurm_8node.sh": "configs/imagenet256/diffmoe_l_e16_flow.yaml",
+    "slurm_t2i.sh": "configs/t2i/diffmoe_l_e16_t2i_256.yaml",
+}
+REQUEUE = 42  # the fake repository's engine/preemption.py value
+
+FAKE_SCONTROL = """#!/usr/bin/env bash
+echo "scontrol $*" >> "$FAKE_DIR/calls"
+if [[ "$1 $2" == "show hostnames" ]]; then printf '%s\\n' $FAKE_HOSTS; fi
+"""
+
+# Runs the command once per task (--nodes x --ntasks-per-node) with Slurm's task variables and
+# forwards SIGUSR1 to the tasks; exits with the largest task exit code.
+FAKE_SRUN = """#!/usr/bin/env bash
+echo "srun $*" >> "$FAKE_DIR/calls"
+nodes=1; per=1
+while [[ "$1" == --* ]]; do
+    case "$1" in --nodes=*) nodes="${1#*=}" ;; --ntasks-per-node=*) per="${1#*=}" ;; esac
+    shift
+done
+pids=()
+for ((n = 0; n < nodes; n++)); do
+    for ((l = 0; l < per; l++)); do
+        SLURM_PROCID=$((n * per + l)) SLURM_LOCALID=$l SLURM_NODEID=$n SLURM_NTASKS=$((nodes * per)) \\
+            SLURM_NTASKS_PER_NODE=$per "$@" &
+        pids+=($!)
+    done
+done
+trap 'echo "srun forwards USR1" >> "$FAKE_DIR/calls"; kill -s USR1 "${pids[@]}"' USR1
+rc=0
+for p in "${pids[@]}"; do
+    while true; do r=0; wait "$p" || r=$?; kill -0 "$p" 2>/dev/null || break; done
+    if ((r > rc)); then rc=$r; fi
+done
+exit "$rc"
+"""
+
+# Stands in for `python`: records the task environment, then exits with FAKE_RC, or waits for
+# SIGUSR1 and exits with the requeue code (what engine/preemption.py does after its checkpoint).
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "RANK=$RANK WORLD_SIZE=$WORLD_SIZE LOCAL_RANK=$LOCAL_RANK LOCAL_WORLD_SIZE=$LOCAL_WORLD_SIZE \
+MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT ARGS=$*" > "$FAKE_DIR/task_$RANK"
+if [[ "$FAKE_MODE" == wait_usr1 ]]; then
+    trap 'echo usr1 >> "$FAKE_DIR/task_$RANK"; exit 42' USR1
+    touch "$FAKE_DIR/ready_$RANK"
+    while true; do sleep 0.05; done
+fi
+exit "$FAKE_RC"
+"""
+
+
+def _write_exe(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+@pytest.fixture
+def fake(tmp_path: Path) -> dict:
+    """A repository skeleton (real launchers, fake trainer files) and fake Slurm tools on PATH."""
+    repo = tmp_path / "repo"
+    (repo / "engine").mkdir(parents=True)
+    (repo / "launchers").symlink_to(LAUNCHERS)
+    (repo / "engine" / "train.py").write_text("")
+    (repo / "engine" / "preemption.py").write_text(f"import signal\n\nREQUEUE_EXIT_CODE: int = {REQUEUE}  # requeue\n")
+    for config in [*SLURM_SCRIPTS.values(), "configs/quickstart.yaml", "configs/mine.yaml"]:
+        (repo / config).parent.mkdir(parents=True, exist_ok=True)
+        (repo / config).write_text("name: test\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _write_exe(bin_dir / "scontrol", FAKE_SCONTROL)
+    _write_exe(bin_dir / "srun", FAKE_SRUN)
+    _write_exe(bin_dir / "fake_python", FAKE_PYTHON)
+    state = tmp_path / "state"
+    state.mkdir()
+    env = {
+        "PATH": f"{bin_dir}:/usr/bin:/bin",
+        "HOME": str(tmp_path),
+        "FAKE_DIR": str(state),
+        "FAKE_HOSTS": "gpu-a17 gpu-a18",
+        "FAKE_RC": "0",
+        "FAKE_MODE": "exit",
+        "PYTHON": str(bin_dir / "fake_python"),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "gpu-a[17-18]",
+        "SLURM_NTASKS_PER_NODE": "2(x2)",
+        "SLURM_SUBMIT_DIR": str(repo),
+    }
+    return {"repo": repo, "env": env, "state": state, "bin": bin_dir}
+
+
+def _run(fake: dict, script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", f"launchers/{script}", *args], cwd=fake["repo"], env={**fake["env"], **env},
+                          capture_output=True, text=True, timeout=60)
+
+
+def _calls(fake: dict) -> list[str]:
+    path = fake["state"] / "calls"
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_scripts_parse_and_pass_shellcheck():
+    assert {p.name for p in SCRIPTS} >= {"common.sh", "slurm_8node.sh", "slurm_t2i.sh", "local.sh", "slurm_task.sh"}
+    for script in SCRIPTS:
+        subprocess.run(["bash", "-n", str(script)], check=True)
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck not installed (bash -n passed)")
+    result = subprocess.run(["shellcheck", "-x", *map(str, SCRIPTS)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("script", sorted(SLURM_SCRIPTS))
+def test_slurm_dry_run_prints_hosts_and_launch(fake, script):
+    result = _run(fake, script, "configs/mine.yaml", "train.max_steps=5", "model.moe.pool=ep_group", DRY_RUN="1")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert "hosts: gpu-a17 gpu-a18" in lines
+    assert "master: gpu-a17:24242" in lines  # 20000 + job id % 20000
+    assert f"requeue exit code: {REQUEUE}" in lines
+    assert shlex.split(lines[-1]) == [
+        "srun", "--nodes=2", "--ntasks-per-node=2", "--kill-on-bad-exit=1", "bash", "launchers/slurm_task.sh",
+        fake["env"]["PYTHON"], "engine/train.py", "--config", "configs/mine.yaml",
+        "train.resume=auto", "train.max_steps=5", "model.moe.pool=ep_group"]
+    assert _calls(fake) == ["scontrol show hostnames gpu-a[17-18]"]  # nothing launched, nothing requeued
+
+
+@pytest.mark.parametrize("script", sorted(SLURM_SCRIPTS))
+def test_slurm_default_config_and_header(fake, script):
+    result = _run(fake, script, "train.lr=2e-4", DRY_RUN="1")
+    assert result.returncode == 0, result.stderr
+    argv = shlex.split(result.stdout.splitlines()[-1])
+    assert argv[argv.index("--config") + 1] == SLURM_SCRIPTS[script]
+    assert argv[-2:] == ["train.resume=auto", "train.lr=2e-4"]
+    header = [line for line in (LAUNCHERS / script).read_text().splitlines() if line.startswith("#SBATCH")]
+    for directive in ["--nodes=8", "--ntasks-per-node=8", "--gpus-per-node=8", "--exclusive", "--requeue",
+                      "--signal=B:USR1@180", "--output=logs/%x-%j.out"]:
+        assert f"#SBATCH {directive}" in header
+
+
+def test_slurm_run_maps_tasks_and_requeues_on_exit_code(fake):
+    result = _run(fake, "slurm_8node.sh", "configs/mine.yaml", FAKE_RC=str(REQUEUE))
+    assert result.returncode == 0, result.stdout + result.stderr
+    tasks = sorted(p.read_text().strip() for p in fake["state"].glob("task_*"))
+    expected = [f"RANK={r} WORLD_SIZE=4 LOCAL_RANK={r % 2} LOCAL_WORLD_SIZE=2 MASTER_ADDR=gpu-a17 MASTER_PORT=24242 "
+                "ARGS=engine/train.py --config configs/mine.yaml train.resume=auto" for r in range(4)]
+    assert tasks == expected
+    assert _calls(fake)[-1] == "scontrol requeue 4242"
+
+
+@pytest.mark.parametrize("rc", [0, 3])
+def test_slurm_run_without_preemption_does_not_requeue(fake, rc):
+    result = _run(fake, "slurm_8node.sh", "configs/mine.yaml", FAKE_RC=str(rc))
+    assert result.returncode == rc
+    assert not any("requeue" in call for call in _calls(fake))
+    assert len(list(fake["state"].glob("task_*"))) == 4
+
+
+def test_usr1_reaches_every_rank_and_requeues(fake):
+    proc = subprocess.Popen(["bash", "launchers/slurm_8node.sh", "configs/mine.yaml"], cwd=fake["repo"],
+                            env={**fake["env"], "FAKE_MODE": "wait_usr1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while len(list(fake["state"].glob("ready_*"))) < 4:
+            assert proc.poll() is None and time.monotonic() < deadline, "tasks did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR1)  # what sbatch --signal=B:USR1@180 does
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out
+    assert "SIGUSR1 received" in out
+    for rank in range(4):
+        assert (fake["state"] / f"task_{rank}").read_text().splitlines()[-1] == "usr1"
+    assert _calls(fake)[-2:] == ["srun forwards USR1", "scontrol requeue 4242"]
+
+
+def test_slurm_errors_name_the_problem(fake):
+    result = _run(fake, "slurm_8node.sh", "configs/missing.yaml", DRY_RUN="1")
+    assert result.returncode == 2 and "config file not found: configs/missing.yaml" in result.stderr
+    result = _run(fake, "slurm_8node.sh", "configs/mine.yaml", "max_steps", DRY_RUN="1")
+    assert result.returncode == 2 and "'max_steps' is not of the form key.path=value" in result.stderr
+    result = _run(fake, "slurm_8node.sh", DRY_RUN="1", SLURM_JOB_ID="")
+    assert result.returncode == 2 and "SLURM_JOB_ID is not set" in result.stderr
+    (fake["repo"] / "engine" / "preemption.py").write_text("# nothing here\n")
+    result = _run(fake, "slurm_8node.sh", DRY_RUN="1")
+    assert result.returncode == 2 and "REQUEUE_EXIT_CODE" in result.stderr
+
+
+def test_launcher_reads_the_real_requeue_exit_code(fake):
+    preemption = pytest.importorskip("engine.preemption")
+    shutil.copy(REPO / "engine" / "preemption.py", fake["repo"] / "engine" / "preemption.py")
+    result = _run(fake, "slurm_8node.sh", DRY_RUN="1")
+    assert f"requeue exit code: {preemption.REQUEUE_EXIT_CODE}" in result.stdout.splitlines()
+
+
+@pytest.mark.parametrize("gpus, nproc_env, expected", [(0, None, 1), (0, "2", 2), (4, None, 4)])
+def test_local_dry_run(fake, gpus, nproc_env, expected):
+    if gpus:
+        listing = "".join(f"GPU {i}: Fake (UUID: GPU-{i})\\n" for i in range(gpus))
+        _write_exe(fake["bin"] / "nvidia-smi", f"#!/usr/bin/env bash\nprintf '{listing}'\n")
+    env = {"DRY_RUN": "1", **({"NPROC": nproc_env} if nproc_env else {})}
+    result = subprocess.run(["bash", "launchers/local.sh", "model.depth=2"], cwd=fake["repo"],
+                            env={**fake["env"], **env}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert shlex.split(result.stdout.splitlines()[-1]) == [
+        fake["env"]["PYTHON"], "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
+        f"--nproc-per-node={expected}", "--shutdown-timeout=600", "engine/train.py",
+        "--config", "configs/quickstart.yaml", "train.resume=auto", "model.depth=2"]
