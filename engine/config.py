@@ -42,18 +42,18 @@ class MoEConfig:
     router: Literal["softmax", "sigmoid_bias"] = "softmax"  # sigmoid_bias: DeepSeek-V3 aux-free
     router_init_std: float = 0.006
     top_k: int = 2  # token choice: experts per token
-    normalize_weights: bool = False  # token choice: renormalise the top-k weights to sum to 1
+    normalize_weights: bool = False  # token choice: renormalise the top-k weights to sum to 1 (sigmoid_bias: always)
     routed_scaling: float = 1.0  # multiplies routed weights (recipe: 2.0 for E16, 2.5 for E48)
     bias_update_rate: float = 0.001  # sigmoid_bias: per-step nudge of the balancing bias
-    capacity: float = 1.0  # expert choice: k = int(pool_tokens / E * capacity); TC: capacity factor
+    capacity: float = 1.0  # expert choice: k = int(pool_tokens / E * capacity); TC: capacity factor (keep int(c * pool * top_k / E))
     drop_tokens: bool = True  # token choice: drop tokens over capacity (False: no capacity limit)
     aux_loss_weight: float = 0.01  # token choice load-balance loss alpha
     # Shared experts (DeepSeek / Diff-MoE): always-on FFNs added to the routed output
     num_shared_experts: int = 0
-    shared_expert_hidden: int = 0  # 0 means expert_hidden
+    shared_expert_hidden: int = 0  # width of one shared expert, 0 means expert_hidden; they run fused (n * width)
     # Diff-MoE: time-aware experts, global channel recalibration, depthwise-conv spatial path
     time_aware: bool = False
-    time_rank: int = 64
+    time_rank: int = 64  # rank of the per-expert adaLN and of the recalibration bottleneck
     recalibration: bool = False
     spatial_conv_kernel: int = 0  # 0 off, else kernel size of the depthwise conv (5 in Diff-MoE)
     # DiffMoE capacity predictor and schedule
@@ -63,20 +63,27 @@ class MoEConfig:
     capacity_schedule_stage1: int = 0  # capacity = E until this step (0: no schedule)
     capacity_schedule_stage2: int = 0  # then linear decay to `capacity` by this step
     # Inference of DiffMoE
-    inference: Literal["static", "dynamic"] = "static"
+    inference: Literal["static", "dynamic"] = "static"  # static: training top-k over the sampling batch; dynamic: predictor
     threshold_shift: float = 0.0  # added to dynamic thresholds: > 0 less compute, < 0 more
 
 
 @dataclass
 class TextConfig:
-    """Text conditioning (text-to-image). `encoder: none` means class-conditional."""
+    """Text conditioning (text-to-image, docs/t2i.md). `encoder: none` means class-conditional.
+
+    tiny_clip / tiny_t5: randomly initialised 2-layer encoders with a byte-level tokenizer, built
+    from code (tests, quickstart); clip / t5: a local transformers folder at `path`.
+    """
 
     encoder: Literal["none", "clip", "t5", "tiny_clip", "tiny_t5"] = "none"
     path: str = ""  # local folder of a transformers text model (no download at run time)
-    max_length: int = 77
-    dim: int = 0  # encoder width; filled from the encoder when 0
-    caption_dropout: float = 0.1
-    precomputed: bool = False  # read embeddings from the shards instead of running the encoder
+    tokenizer: str = ""  # tokenizer folder when not inside `path` (diffusers layout: .../tokenizer)
+    max_length: int = 77  # tokens per caption (padded / truncated); CLIP has at most 77 positions
+    dim: int = 0  # encoder width; read from `path`'s config.json when 0 (tiny encoders: 64)
+    caption_dropout: float = 0.1  # probability a caption is replaced by the empty prompt (CFG)
+    # read token states from the shards (`make_shards captions --text-encoder`); the encoder at `path`
+    # is still loaded once, to embed the empty prompt, and then released
+    precomputed: bool = False
 
 
 @dataclass
@@ -215,6 +222,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -306,6 +318,30 @@ def _merge(base: dict, update: dict) -> None:
             base[k] = v
 
 
+def _validate_moe(moe: MoEConfig) -> None:
+    """Cross-field checks of model.moe (docs/moe.md)."""
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            raise ConfigError(f"model.moe.{key}: {msg}")
+
+    need(moe.router == "softmax" or moe.routing == "token_choice", "router",
+         "sigmoid_bias (DeepSeek-V3 balancing bias) is a token-choice router; expert choice is balanced by construction")
+    need(moe.inference == "static" or moe.routing not in ("expert_choice", "diffmoe") or moe.predictor, "inference",
+         "dynamic inference needs the capacity predictor (model.moe.predictor=true)")
+    for key, value in [("expert_hidden", moe.expert_hidden), ("shared_expert_hidden", moe.shared_expert_hidden),
+                       ("num_shared_experts", moe.num_shared_experts), ("spatial_conv_kernel", moe.spatial_conv_kernel),
+                       ("aux_loss_weight", moe.aux_loss_weight), ("predictor_loss_weight", moe.predictor_loss_weight),
+                       ("bias_update_rate", moe.bias_update_rate), ("capacity_schedule_stage1", moe.capacity_schedule_stage1)]:
+        need(value >= 0, key, f"must be >= 0, got {value}")
+    need(moe.time_rank > 0, "time_rank", f"must be positive, got {moe.time_rank}")
+    need(moe.spatial_conv_kernel % 2 == 1 or moe.spatial_conv_kernel == 0, "spatial_conv_kernel",
+         f"must be odd (same-size depthwise conv) or 0 (off), got {moe.spatial_conv_kernel}")
+    need(0 <= moe.threshold_ema < 1, "threshold_ema", f"must be in [0, 1), got {moe.threshold_ema}")
+    need(moe.routed_scaling > 0, "routed_scaling", f"must be positive, got {moe.routed_scaling}")
+    need(moe.capacity_schedule_stage2 == 0 or moe.capacity_schedule_stage2 > moe.capacity_schedule_stage1,
+         "capacity_schedule_stage2", f"must be 0 (no schedule) or > capacity_schedule_stage1 ({moe.capacity_schedule_stage1})")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks that a type alone cannot express."""
     m, moe, t = cfg.model, cfg.model.moe, cfg.train
@@ -334,6 +370,20 @@ def validate(cfg: Config) -> None:
     need(moe.num_experts % cfg.parallel.ep_size == 0, "parallel.ep_size",
          f"{cfg.parallel.ep_size} does not divide model.moe.num_experts={moe.num_experts}")
     need(0 <= m.class_dropout_prob < 1, "model.class_dropout_prob", "must be in [0, 1)")
+    if m.text.encoder != "none":
+        text, tiny = m.text, m.text.encoder.startswith("tiny_")
+        need(0 <= text.caption_dropout < 1, "model.text.caption_dropout", "must be in [0, 1)")
+        need(text.max_length >= 2, "model.text.max_length", f"must be >= 2 (start and end tokens), got {text.max_length}")
+        need(text.dim >= 0, "model.text.dim", f"must be >= 0 (0: the encoder's width), got {text.dim}")
+        need(tiny or text.path != "", "model.text.path",
+             f"model.text.encoder={text.encoder} loads a local transformers folder: set its path")
+        need(cfg.data.source in ("digits", "captions"), "data.source",
+             f"a text-conditioned model trains on captions: 'captions' shards or 'digits', not {cfg.data.source!r}")
+        if text.precomputed:
+            need(cfg.data.source == "captions", "model.text.precomputed",
+                 "only caption shards hold precomputed text embeddings (make_shards captions --text-encoder)")
+            need(not tiny, "model.text.precomputed", "stored embeddings come from an encoder folder: set "
+                 "model.text.encoder to clip or t5 and model.text.path to the folder the shards were encoded with")
     need(0 <= t.ema_decay < 1, "train.ema_decay", "must be in [0, 1)")
     need(t.lr > 0, "train.lr", f"must be positive, got {t.lr}")
     need(t.micro_batch_size >= 0, "train.micro_batch_size", "must be >= 0")
@@ -353,6 +403,7 @@ def validate(cfg: Config) -> None:
              f"data.source={cfg.data.source} needs the folder written by `python -m engine.data.make_shards`")
     if moe.routing in ("expert_choice",):
         need(moe.pool == "sample", "model.moe.pool", "expert_choice (EC-DiT) routes within one sample: use pool=sample")
+    _validate_moe(moe)
     if cfg.diffusion.objective == "flow":
         need(cfg.diffusion.sampler in ("euler", "heun"), "diffusion.sampler",
              "rectified flow samples with 'euler' or 'heun'")

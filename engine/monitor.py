@@ -11,6 +11,7 @@ expert x timestep bucket) and a nested list in metrics.jsonl. Each `log` call is
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
@@ -35,6 +36,14 @@ def heatmap_image(values: torch.Tensor, cell: int = 12) -> np.ndarray:
     i = np.clip(np.floor(x).astype(int), 0, len(_VIRIDIS) - 2)
     rgb = _VIRIDIS[i] + (x - i)[..., None] * (_VIRIDIS[i + 1] - _VIRIDIS[i])
     return np.repeat(np.repeat(rgb.round().astype(np.uint8), cell, 0), cell, 1)
+
+
+def setup_logging(rank: int) -> None:
+    """Python logging: the project's INFO messages on rank 0; warnings and errors from every rank."""
+    logging.basicConfig(format="%(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s %(message)s",
+                        level=logging.WARNING, force=True)
+    for package in ("engine", "parallel", "models"):
+        logging.getLogger(package).setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
 def _json_value(v: Value) -> float | list | None:

@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     for label, n in sorted(breakdown.items(), key=lambda kv: -kv[1]):
         print(f"  {label:<18} {n / 1e6:>10.2f}M  ({n:,})")
     print(f"  {'total':<18} {total / 1e6:>10.2f}M")
-    print(f"  {'activated':<18} {activated / 1e6:>10.2f}M  (per token; predictor excluded)")
+    print(f"  {'activated':<18} {activated / 1e6:>10.2f}M  (per token; predictor excluded)"
+          f" = {activated / 2**20:.2f} Mi (2^20 units, as the recipe's README)")
     print(json.dumps({"total": int(total), "activated": int(round(activated))}))
 
 

@@ -19,6 +19,7 @@ from torch import nn
 
 from engine.rng import sample_generator
 from models.diffusion import Objective, guided_model_fn
+from models.text import TextEmbeddings
 
 GRID_CLASSES = 10  # training-time grids: up to this many classes, one row each
 GRID_PER_CLASS = 8  # samples per class (columns)
@@ -30,21 +31,27 @@ def sample_generators(seeds: torch.Tensor | list[int]) -> list[torch.Generator]:
 
 
 @torch.no_grad()
-def generate(model: nn.Module, objective: Objective, y: torch.Tensor, seeds: torch.Tensor | list[int],
-             cfg_scale: float, steps: int, sampler: str, progress: bool = False) -> torch.Tensor:
+def generate(model: nn.Module, objective: Objective, y: torch.Tensor | None, seeds: torch.Tensor | list[int],
+             cfg_scale: float, steps: int, sampler: str, progress: bool = False,
+             text: TextEmbeddings | None = None, null_text: TextEmbeddings | None = None) -> torch.Tensor:
     """[B, C, H, W] float32 samples in the model's data space (pixels in [-1, 1] or latents).
 
     The model runs in eval mode in its own dtype (bf16 under DeepSpeed bf16); the objective
     integrates in float32. Under expert parallelism this is collective: every rank of the
-    expert-parallel group must call it with the same number of samples.
+    expert-parallel group must call it with the same number of samples. Text-conditioned models
+    take the prompts' `text` and the empty prompt's `null_text` (engine.text_conditioning) and ignore y.
     """
-    if len(seeds) != len(y):
-        raise ValueError(f"generate: {len(y)} labels but {len(seeds)} seeds")
+    if len(seeds) != (len(text) if text is not None else len(y)):
+        raise ValueError(f"generate: {len(text) if text is not None else len(y)} conditions but {len(seeds)} seeds")
     param = next(model.parameters())
     shape = (model.in_channels, model.input_size, model.input_size)
     generators = sample_generators(seeds)
     z = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(param.device)
-    guided = guided_model_fn(model, y.to(param.device), cfg_scale)
+    if text is not None:
+        guided = guided_model_fn(model, None, cfg_scale, text.to(param.device),
+                                 null_text.to(param.device) if null_text is not None else None)
+    else:
+        guided = guided_model_fn(model, y.to(param.device), cfg_scale)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return guided(x.to(param.dtype), t).float()

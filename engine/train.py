@@ -17,17 +17,19 @@ if __package__ in (None, ""):  # `python engine/train.py`: import from the repos
 
 import torch
 
-from engine.config import ConfigError, config_or_exit
-from engine.data import build_train_loader
+from engine.config import Config, ConfigError, config_or_exit
+from engine.data import DataError, build_train_loader
 from engine.ema import EMA
+from engine.monitor import setup_logging
 from engine.preemption import PreemptionHandler
-from engine.run_dir import checkpoint_root, prepare_run_dir
+from engine.text_conditioning import build_text_conditioner
+from engine.run_dir import prepare_run_dir
 from engine.train_events import TrainEvents
 from engine.train_metrics import IntervalMeter
 from engine.train_step import after_step, train_step
 from models import build_model, moe
 from models.diffusion import build_diffusion
-from parallel.checkpoint import load_checkpoint, resolve_resume
+from parallel.checkpoint import CheckpointError, load_checkpoint, resolve_resume
 from parallel.expert_parallel import all_reduce_sum, attach_expert_parallel, optimizer_param_groups
 from parallel.groups import create_groups
 from parallel.zero import batch_layout, init_distributed, initialize_engine
@@ -45,8 +47,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def train(cfg) -> None:
+def train(cfg: Config) -> None:
     dist = init_distributed(cfg)
+    setup_logging(dist.rank)
+    text = build_text_conditioner(cfg, dist.device)  # frozen caption encoder; None when class-conditional
     torch.manual_seed(cfg.train.seed)  # identical on all ranks: dense weights start equal everywhere
     run = prepare_run_dir(cfg, dist.is_main)
     groups = create_groups(cfg.parallel.ep_size)
@@ -61,27 +65,30 @@ def train(cfg) -> None:
     loader = build_train_loader(cfg, dist.rank, dist.world_size, mb, accum, start)
     if "data" in state:
         loader.load_state_dict(state["data"])
-    events = TrainEvents(cfg, run, dist, engine, ema, objective, loader, start, last_checkpoint=resume_from)
+    events = TrainEvents(cfg, run, dist, engine, ema, objective, loader, start, last_checkpoint=resume_from, text=text)
     meter = IntervalMeter(dist.device, cfg.train.global_batch_size, model.num_tokens, model.flops_per_sample(),
                           dist.world_size)
     preemption = PreemptionHandler()
     moe.set_step(model, start)
     nonfinite_in_a_row = 0
     for step, micro_batches in zip(range(start + 1, cfg.train.max_steps + 1), loader):
-        applied = train_step(engine, objective, micro_batches, cfg, meter)
+        applied = train_step(engine, objective, micro_batches, cfg, meter, text)
         if applied:
             ema.update(model, cfg.train.ema_decay)
         after_step(model, step, applied, all_reduce_sum)
         nonfinite_in_a_row = 0 if applied else nonfinite_in_a_row + 1
         if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-            raise NonFiniteStop(f"stopping at step {step}: {nonfinite_in_a_row} steps in a row had a non-finite loss "
-                                f"or gradient (none was applied); last good checkpoint: {events.last_checkpoint or 'none'}")
-        stop = preemption.requested(all_reduce_sum)
-        events.after_step(step, meter, final=step == cfg.train.max_steps or stop, preempted=stop)
-        if stop:
+            events.log(step, meter)
+            events.close()
+            raise NonFiniteStop(f"stopping at step {step}: {nonfinite_in_a_row} steps in a row had a non-finite "
+                                f"loss or gradient and were skipped; last good checkpoint: "
+                                f"{events.last_checkpoint or 'none yet'}")
+        preempted = preemption.requested(all_reduce_sum)
+        events.after_step(step, meter, final=preempted or step == cfg.train.max_steps, preempted=preempted)
+        if preempted:
             events.close()
             raise SystemExit(preemption.exit_code)
-    events.finish(meter)
+    events.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,10 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_or_exit(args.config, args.overrides)
     try:
         train(cfg)
-    except ConfigError as e:  # problems only visible once the world size is known
+    except ConfigError as e:  # problems visible only once the world size or run folder is known
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except NonFiniteStop as e:
+    except (NonFiniteStop, CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 

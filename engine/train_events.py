@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from engine.digits_eval import ReferenceClassifier, class_accuracy
 from engine.monitor import Monitor
 from engine.run_dir import checkpoint_root, samples_dir
 from engine.sampling import generate, grid_labels_and_seeds, save_grid
@@ -20,6 +21,7 @@ from parallel.expert_parallel import all_reduce_sum, comm_stats
 if TYPE_CHECKING:
     from engine.config import Config
     from engine.ema import EMA
+    from engine.text_conditioning import TextConditioner
     from engine.train_metrics import IntervalMeter
     from models.diffusion import Objective
     from parallel.zero import DistContext
@@ -46,14 +48,16 @@ def mean_over_ranks(stats: dict[str, torch.Tensor], world_size: int) -> dict[str
 
 class TrainEvents:
     def __init__(self, cfg: Config, run: Path, dist: DistContext, engine: Any, ema: EMA, objective: Objective,
-                 loader: Any, start_step: int, last_checkpoint: Path | None):
+                 loader: Any, start_step: int, last_checkpoint: Path | None, text: TextConditioner | None = None):
         self.cfg, self.dist, self.engine, self.ema, self.objective, self.loader = cfg, dist, engine, ema, objective, loader
+        self.text = text  # text-conditioned models: grids and evaluation prompt with the digits captions
         self.model = engine.module
         self.last_checkpoint = last_checkpoint
         self.monitor = Monitor(run, dist.is_main, cfg.train.max_steps, start_step, cfg.train.global_batch_size,
                                cfg.train.progress)
         self._classifier = None
         self._comm_bytes: dict[str, float] = {}  # training traffic since the last log record
+        self.has_moe = next(moe.moe_layers(self.model), None) is not None
         if start_step:
             self.monitor.print(f"resumed from {last_checkpoint} at step {start_step}")
 
@@ -86,37 +90,42 @@ class TrainEvents:
         steps = max(meter.steps, 1)
         values: dict[str, Any] = {"lr": float(self.engine.get_lr()[0]), **meter.reduce(all_reduce_sum)}
         values.update(mean_over_ranks(moe.collect_stats(self.model), self.dist.world_size))
-        # bytes each rank sent per training step (mean over ranks)
-        self._drain_training_comm()
-        comm = {k: torch.tensor(v / steps) for k, v in self._comm_bytes.items()}
-        self._comm_bytes = {}
-        values.update({k: float(v) for k, v in mean_over_ranks(comm, self.dist.world_size).items()})
+        skipped = all_reduce_sum(torch.tensor([float(self.loader.skipped_samples)], device=self.dist.device))
+        values["data/skipped_samples"] = float(skipped[0])
+        if self.loader.epoch(step) is not None:
+            values["data/epoch"] = self.loader.epoch(step)
+        if self.has_moe:  # bytes each rank sent per training step (mean over ranks)
+            self._drain_training_comm()
+            comm = {k: torch.tensor(v / steps) for k, v in self._comm_bytes.items()}
+            self._comm_bytes = {}
+            values.update({k: float(v) for k, v in mean_over_ranks(comm, self.dist.world_size).items()})
         self.monitor.log(step, values)
 
     def sample_grid(self, step: int) -> None:
         if self.model.in_channels not in (1, 3):
             return  # latent models: grids come from engine/sample.py, which decodes with the VAE
+        if self.text is not None and self.cfg.data.source != "digits":
+            return  # caption models: grids come from engine/sample.py --prompts
         labels, seeds, nrow = grid_labels_and_seeds(self.cfg.model.num_classes)
+        condition = self.text.label_kwargs(labels) if self.text is not None else {}
         with self.ema.applied_to(self.model):
             images = generate(self.model, self.objective, labels, seeds, self.cfg.eval.cfg_scale,
-                              self.cfg.eval.sample_steps, self.cfg.diffusion.sampler)
+                              self.cfg.eval.sample_steps, self.cfg.diffusion.sampler, **condition)
         if self.dist.is_main:
             grid = save_grid(images, samples_dir(self.cfg) / f"step_{step:07d}.png", nrow)
             self.monitor.image("samples/ema", grid, step)
 
     def evaluate(self, step: int) -> None:
-        from engine.digits_eval import ReferenceClassifier, class_accuracy
-
         if self._classifier is None:
             self._classifier = ReferenceClassifier.fit(self.cfg)
         with self.ema.applied_to(self.model):
-            acc = class_accuracy(self.model, self.objective, self._classifier, self.cfg, self.dist, all_reduce_sum)
+            acc = class_accuracy(self.model, self.objective, self._classifier, self.cfg, self.dist, all_reduce_sum,
+                                 self.text)
         self.monitor.log(step, {"eval/class_acc": acc})
 
     def save(self, step: int) -> None:
         state = {"step": step, "data": self.loader.state_dict()}
         self.last_checkpoint = save_checkpoint(checkpoint_root(self.cfg), step, self.engine, self.ema, state, self.cfg)
-        self.monitor.print(f"saved checkpoint {self.last_checkpoint}")
 
     def close(self) -> None:
         self.monitor.close()

@@ -16,6 +16,7 @@ from models import moe
 
 if TYPE_CHECKING:
     from engine.config import Config
+    from engine.text_conditioning import TextConditioner
     from engine.train_metrics import IntervalMeter
     from models.diffusion import Objective
 
@@ -41,22 +42,24 @@ def draw_training_inputs(batch: dict[str, Any], cfg: Config, objective: Objectiv
 
 
 def train_step(engine: Any, objective: Objective, micro_batches: list[dict[str, Any]], cfg: Config,
-               meter: IntervalMeter) -> bool:
+               meter: IntervalMeter, text: TextConditioner | None = None) -> bool:
     """Forward/backward every micro-batch of one step, then the optimizer step.
 
     Returns whether the update was applied: DeepSpeed skips it (no parameter change) when the
     global gradient norm is not finite. The loss of a micro-batch is its mean per-sample diffusion
     loss plus the MoE auxiliary losses; DeepSpeed averages gradients over accumulation steps and
-    ranks, so the update follows the mean loss over the global batch.
+    ranks, so the update follows the mean loss over the global batch. Text-conditioned models get
+    the batch's caption embeddings from `text` (caption dropout drawn per global sample index).
     """
     model = engine.module
     dtype = next(model.parameters()).dtype
     meter.begin_step()
     for batch in micro_batches:
         inputs = draw_training_inputs(batch, cfg, objective, model.null_class, engine.device)
+        condition = {"text": text.training_text(batch)} if text is not None else {}
 
         def model_fn(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return engine(x_t.to(dtype), t, inputs.y).float()
+            return engine(x_t.to(dtype), t, inputs.y, **condition).float()
 
         per_sample = objective.training_losses(model_fn, inputs.x0, inputs.t, inputs.noise)
         diffusion_loss = per_sample.mean()

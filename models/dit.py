@@ -5,6 +5,11 @@
 
 The FFN of block i is `models.ffn.build_ffn(cfg, i, ep_rank, ep_size)`: the dense MLP or an MoE
 layer, called as `ffn(x, c, t)`. t in [0, 1] with 0 = noise and 1 = data, for every objective.
+
+Text-to-image (`model.text.encoder` set, docs/t2i.md): the class embedding is replaced by the
+projected pooled text vector (c = t_emb + pooled_emb), and every block gains a cross-attention from
+its image tokens to the projected token states of the caption, between self-attention and FFN.
+The FFN slot still sees only (x, c, t), so every MoE routing and expert parallelism are unchanged.
 """
 from __future__ import annotations
 
@@ -14,9 +19,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from models.attention import Attention, RopeTables, rope_2d_tables
-from models.embeddings import LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
+from models.attention import Attention, CrossAttention, RopeTables, rope_2d_tables
+from models.embeddings import LabelEmbedder, PatchEmbed, TextProjection, TimestepEmbedder, sincos_2d
 from models.ffn import DenseFFN, build_ffn
+from models.text import TextEmbeddings, text_width
 
 if TYPE_CHECKING:
     from engine.config import ModelConfig
@@ -28,20 +34,32 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero block: shift/scale/gate for attention and for the FFN slot, all from c."""
+    """adaLN-Zero block: shift/scale/gate for attention and for the FFN slot, all from c.
+
+    Text-conditioned blocks add `x += CrossAttn(LN(x), context)` after self-attention (PixArt-alpha
+    style: not modulated by c; its output projection starts at zero, so the block starts as the identity).
+    """
 
     def __init__(self, cfg: ModelConfig, block_index: int, ep_rank: int, ep_size: int):
         super().__init__()
         d = cfg.hidden_size
         self.norm1 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(d, cfg.num_heads, kernel=cfg.attention)
+        if cfg.text.encoder != "none":
+            self.norm_cross = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
+            self.cross_attn = CrossAttention(d, cfg.num_heads, kernel=cfg.attention)
+        else:
+            self.cross_attn = None
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.ffn = build_ffn(cfg, block_index, ep_rank, ep_size)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor, rope: RopeTables | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor, rope: RopeTables | None = None,
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
         shift_msa, scale_msa, gate_msa, shift_ffn, scale_ffn, gate_ffn = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
+        if self.cross_attn is not None:
+            x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
         x = x + gate_ffn.unsqueeze(1) * self.ffn(modulate(self.norm2(x), shift_ffn, scale_ffn), c, t)
         return x
 
@@ -61,7 +79,7 @@ class FinalLayer(nn.Module):
 
 
 class DiT(nn.Module):
-    """Class-conditional DiT. `ep_rank`/`ep_size` tell MoE slots which experts this rank holds."""
+    """Class- or text-conditional DiT. `ep_rank`/`ep_size` tell MoE slots which experts this rank holds."""
 
     def __init__(self, cfg: ModelConfig, ep_rank: int = 0, ep_size: int = 1):
         super().__init__()
@@ -75,11 +93,15 @@ class DiT(nn.Module):
         self.num_tokens = self.grid_size**2
         self.use_rope = cfg.position == "rope"
         self.grad_checkpointing = cfg.grad_checkpointing
+        self.text_conditioned = cfg.text.encoder != "none"
         d = cfg.hidden_size
 
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
         self.t_embedder = TimestepEmbedder(d)
-        self.y_embedder = LabelEmbedder(cfg.num_classes, d)
+        if self.text_conditioned:
+            self.text_embedder = TextProjection(text_width(cfg.text), d)
+        else:
+            self.y_embedder = LabelEmbedder(cfg.num_classes, d)
         if not self.use_rope:
             # fixed, not trained; a Parameter (as in DiT) so it counts in the published sizes
             self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, d), requires_grad=False)
@@ -89,8 +111,8 @@ class DiT(nn.Module):
 
     @property
     def null_class(self) -> int:
-        """Label index of the unconditional (dropped) class."""
-        return self.y_embedder.null_class
+        """Label index of the unconditional (dropped) class (text-conditioned models ignore labels)."""
+        return self.cfg.num_classes
 
     def initialize_weights(self) -> None:
         """DiT's init: xavier linears, zero biases, N(0, 0.02) embeddings, zero adaLN and output.
@@ -110,6 +132,9 @@ class DiT(nn.Module):
             xavier(block.adaLN_modulation)
             if isinstance(block.ffn, DenseFFN):
                 xavier(block.ffn)
+            if block.cross_attn is not None:
+                xavier(block.cross_attn)
+                nn.init.zeros_(block.cross_attn.proj.weight)  # starts as the identity, like adaLN-Zero
         xavier(self.final_layer)
         if not self.use_rope:
             with torch.no_grad():
@@ -117,7 +142,13 @@ class DiT(nn.Module):
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
-        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        if self.text_conditioned:
+            for mlp in (self.text_embedder.token_mlp, self.text_embedder.pooled_mlp):
+                for layer in (mlp[0], mlp[2]):
+                    nn.init.normal_(layer.weight, std=0.02)
+                    nn.init.zeros_(layer.bias)
+        else:
+            nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         # adaLN-Zero: every block starts as the identity, the model output starts at exactly 0
@@ -135,8 +166,10 @@ class DiT(nn.Module):
         x = x.reshape(b, g, g, p, p, c)
         return torch.einsum("bhwpqc->bchpwq", x).reshape(b, c, g * p, g * p)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x [B, C, H, W], t [B] in [0, 1] (0 noise, 1 data), y [B] labels (null_class allowed)."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                text: TextEmbeddings | None = None) -> torch.Tensor:
+        """x [B, C, H, W], t [B] in [0, 1] (0 noise, 1 data); class-conditional models take y [B]
+        labels (null_class allowed), text-conditioned ones `text` (batch B) and ignore y."""
         expected = (self.in_channels, self.input_size, self.input_size)
         if tuple(x.shape[1:]) != expected:
             raise ValueError(f"DiT input has shape {tuple(x.shape)}, expected [B, {', '.join(map(str, expected))}] "
@@ -144,23 +177,41 @@ class DiT(nn.Module):
         h = self.x_embedder(x)
         if not self.use_rope:
             h = h + self.pos_embed
-        c = self.t_embedder(t) + self.y_embedder(y)
+        context = context_mask = None
+        if self.text_conditioned:
+            if text is None:
+                raise ValueError(f"this DiT is text-conditioned (model.text.encoder={self.cfg.text.encoder}): pass text=")
+            context, pooled = self.text_embedder(text.tokens, text.pooled)
+            context_mask = text.mask
+            c = self.t_embedder(t) + pooled
+        else:
+            if y is None or text is not None:
+                raise ValueError("this DiT is class-conditional: pass labels y (set model.text.encoder for text)")
+            c = self.t_embedder(t) + self.y_embedder(y)
         rope = rope_2d_tables(self.grid_size, self.grid_size, self.blocks[0].attn.head_dim, h.device) if self.use_rope else None
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                h = checkpoint(block, h, c, t, rope, use_reentrant=False)
+                h = checkpoint(block, h, c, t, rope, context, context_mask, use_reentrant=False)
             else:
-                h = block(h, c, t, rope)
+                h = block(h, c, t, rope, context, context_mask)
         return self.unpatchify(self.final_layer(h, c))
 
-    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float) -> torch.Tensor:
-        """Classifier-free guidance in one batched call over [conditional; null-class] halves.
+    def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, cfg_scale: float,
+                         text: TextEmbeddings | None = None, null_text: TextEmbeddings | None = None) -> torch.Tensor:
+        """Classifier-free guidance in one batched call over [conditional; unconditional] halves.
 
-        The first C channels become v_u + s (v_c - v_u); learned-sigma channels come from the
-        conditional half.
+        Unconditional is the null class, or for text-conditioned models `null_text`, the empty
+        prompt's embedding (batch 1 or B). The first C channels become v_u + s (v_c - v_u);
+        learned-sigma channels come from the conditional half.
         """
-        null = torch.full_like(y, self.null_class)
-        out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
+        if self.text_conditioned:
+            if text is None or null_text is None:
+                raise ValueError("guidance of a text-conditioned DiT needs text= and null_text= (the empty prompt)")
+            both = TextEmbeddings.cat([text, null_text.expand_to(len(text))])
+            out = self(torch.cat([x, x]), torch.cat([t, t]), None, text=both)
+        else:
+            null = torch.full_like(y, self.null_class)
+            out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
         cond, uncond = out.chunk(2, dim=0)
         c = self.in_channels
         guided = uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c])
@@ -180,6 +231,10 @@ class DiT(nn.Module):
             macs += d * 6 * d  # adaLN modulation (once per sample)
             macs += n * block.ffn.activated_params()
         flops = 2.0 * macs + sum(block.attn.flops_per_sample(n) for block in self.blocks)
+        if self.text_conditioned:  # caption padded to model.text.max_length tokens
+            length = self.cfg.text.max_length
+            flops += self.text_embedder.flops_per_sample(length)
+            flops += sum(block.cross_attn.flops_per_sample(n, length) for block in self.blocks)
         flops += 2.0 * (d * 2 * d + n * d * p2 * self.out_channels)  # final adaLN + output linear
         return flops
 

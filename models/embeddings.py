@@ -1,4 +1,5 @@
-"""Input embeddings of the DiT: image patches, fixed 2D sin-cos positions, timesteps, class labels."""
+"""Input embeddings of the DiT: image patches, fixed 2D sin-cos positions, timesteps, class labels,
+and the projection of frozen text-encoder outputs (text-to-image)."""
 from __future__ import annotations
 
 import math
@@ -75,3 +76,31 @@ class LabelEmbedder(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return self.embedding_table(y)
+
+
+class TextProjection(nn.Module):
+    """Frozen text-encoder outputs -> the DiT's width d.
+
+    Token states [B, L, D_text] -> context [B, L, d] for every block's cross-attention
+    (Linear -> GELU(tanh) -> Linear, PixArt-alpha's caption projection), computed once per forward;
+    the pooled vector [B, D_text] -> [B, d] added to the adaLN conditioning c = t_emb + pooled_emb
+    (Linear -> SiLU -> Linear, like the timestep MLP). Inputs are cast to the weights' dtype.
+    """
+
+    def __init__(self, text_dim: int, dim: int):
+        super().__init__()
+        self.text_dim = text_dim
+        self.token_mlp = nn.Sequential(nn.Linear(text_dim, dim), nn.GELU(approximate="tanh"), nn.Linear(dim, dim))
+        self.pooled_mlp = nn.Sequential(nn.Linear(text_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, tokens: torch.Tensor, pooled: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if tokens.shape[-1] != self.text_dim or pooled.shape[-1] != self.text_dim:
+            raise ValueError(f"text embeddings of width {tokens.shape[-1]} (pooled {pooled.shape[-1]}), "
+                             f"the model expects model.text.dim={self.text_dim}")
+        dtype = self.token_mlp[0].weight.dtype
+        return self.token_mlp(tokens.to(dtype)), self.pooled_mlp(pooled.to(dtype))
+
+    def flops_per_sample(self, context_tokens: int) -> float:
+        """Forward FLOPs (2 * MACs) of one sample's token and pooled projections."""
+        d_text, d = self.text_dim, self.token_mlp[2].out_features
+        return 2.0 * (context_tokens + 1) * (d_text * d + d * d)

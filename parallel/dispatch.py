@@ -77,16 +77,18 @@ class _RouteState:
 def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """[R, m] bool -> [R, ceil(m / 8)] uint8."""
     rows, m = mask.shape
-    padded = torch.zeros(rows, -(-m // 8) * 8, dtype=torch.uint8, device=mask.device)
+    nbytes = -(-m // 8)
+    padded = torch.zeros(rows, nbytes * 8, dtype=torch.uint8, device=mask.device)
     padded[:, :m] = mask
     weights = 1 << torch.arange(8, dtype=torch.uint8, device=mask.device)
-    return (padded.view(rows, -1, 8) * weights).sum(-1, dtype=torch.uint8)
+    return (padded.view(rows, nbytes, 8) * weights).sum(-1, dtype=torch.uint8)
 
 
 def _unpack_bits(packed: torch.Tensor, m: int) -> torch.Tensor:
     """[R, ceil(m / 8)] uint8 -> [R, m] bool."""
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(-1) >> shifts) & 1).view(packed.shape[0], -1)[:, :m].bool()
+    rows, nbytes = packed.shape
+    return ((packed.unsqueeze(-1) >> shifts) & 1).view(rows, nbytes * 8)[:, :m].bool()
 
 
 class AllToAllDispatcher:

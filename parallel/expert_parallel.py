@@ -24,7 +24,7 @@ from deepspeed.moe.layer import MoE as DeepSpeedMoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from torch import nn
 
-from models.moe.layer import MoELayer
+from models.moe import moe_layers
 from parallel.dispatch import AllToAllDispatcher
 from parallel.token_pool import build_pool
 
@@ -56,10 +56,6 @@ class DeepSpeedExpertMarker(DeepSpeedMoE):
         raise RuntimeError("DeepSpeedExpertMarker only marks the model for DeepSpeed; it is never called")
 
 
-def moe_layers(model: nn.Module) -> list[MoELayer]:
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
-
-
 def attach_expert_parallel(model: nn.Module, cfg: Config, groups: ExpertParallelGroups) -> None:
     """Install the pool of `model.moe.pool` and (ep_size > 1) the all-to-all dispatcher in every MoE
     layer, and mark the expert parameters for DeepSpeed."""
@@ -69,7 +65,7 @@ def attach_expert_parallel(model: nn.Module, cfg: Config, groups: ExpertParallel
             "parameter over all ranks, but each EP rank holds different experts, whose weights and gradients "
             "must stay within their expert-data-parallel group; DeepSpeed's stage 3 supports that only for "
             "its own AutoEP layers. Use parallel.zero_stage=1 or 2 (or ep_size=1).")
-    layers = moe_layers(model)
+    layers = list(moe_layers(model))
     for layer in layers:
         layer.pool = build_pool(cfg.model.moe.pool, groups, cfg.parallel.pool_selection)
         if groups.ep_size > 1:

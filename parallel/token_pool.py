@@ -88,7 +88,7 @@ class CrossRankPool(TokenPool):
         if bool(((ties_total > wanted) & (wanted > 0)).any()):
             counts = self._all_gather(tie.sum(0, dtype=torch.int32))  # [n, E] per-rank tie counts
             before = counts[: self.position].sum(0)
-            take = (wanted - 0 * before).clamp(min=0)
+            take = (wanted - before).clamp(min=0)
         tie_rank = tie.cumsum(0) - 1  # order of each tie among this rank's ties, by local index
         return (above | (tie & (tie_rank < take))) & (wanted > 0)
 

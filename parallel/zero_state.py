@@ -69,6 +69,7 @@ class ZeroOptimizerState:
             raise CheckpointError(f"optimizer scalar state differs between partitions: {values}")
         return values[0] if values else {}
 
+    @torch.no_grad()
     def gather(self, param: torch.Tensor, key: str | None) -> torch.Tensor:
         """The whole fp32 master weight (`key` None) or state `key` of `param`, on the CPU.
 

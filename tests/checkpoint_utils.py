@@ -61,6 +61,10 @@ def reference_state(engine, ema) -> dict[str, torch.Tensor]:
     model tensors, fp32 master weights, Adam moments and step, EMA, learning rates, step counters."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
+    # DeepSpeed 0.19 links its moment views once, inside the first step of param group 0, before the
+    # expert group has any state; link again so its accessor can serve as the reference for every group.
+    engine.optimizer._hp_optimizer_states_linked = False
+    engine.optimizer._lazy_init_hp_params_optimizer_state()
     out: dict[str, torch.Tensor] = {}
     for name, t in engine.module.state_dict(keep_vars=True).items():
         out[f"model/{name}"] = t.detach().cpu().clone()
@@ -80,3 +84,41 @@ def mismatches(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[s
     """Keys missing on one side or not bit-for-bit equal."""
     keys = sorted(set(a) | set(b))
     return [k for k in keys if k not in a or k not in b or a[k].shape != b[k].shape or not torch.equal(a[k], b[k])]
+
+
+def save_then_die(run_dir: str, point: str) -> None:
+    """Save step 1, train a step, then die by SIGKILL in the middle of saving step 2:
+    `write` (a torn half-written file), `publish` (all files written, folder not yet renamed) or
+    `pointer` (folder renamed, `latest` not yet updated). Step 1's model state goes to expected_step1.pt."""
+    import os
+    import signal
+    from pathlib import Path
+
+    import parallel.checkpoint as ckpt
+
+    root = Path(run_dir) / "checkpoints"
+    cfg, engine, ema = build_engine([f"train.output_dir={run_dir}"])
+    train_step(engine, ema, 1)
+    ckpt.save_checkpoint(root, 1, engine, ema, {"step": 1}, cfg)
+    torch.save({k: v.detach().clone() for k, v in engine.module.state_dict().items()}, Path(run_dir) / "expected_step1.pt")
+    train_step(engine, ema, 2)
+
+    def die(*args, **kwargs) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def torn_write(path: Path, data: bytes) -> str:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_bytes(data[: len(data) // 2])
+        die()
+        return ""
+
+    if point == "write":
+        ckpt.write_durable = torn_write
+    elif point == "publish":
+        ckpt.publish_dir = die
+    elif point == "pointer":
+        ckpt.write_pointer = die
+    else:
+        raise ValueError(point)
+    ckpt.save_checkpoint(root, 2, engine, ema, {"step": 2}, cfg)
+    raise AssertionError("the save was expected to be killed")

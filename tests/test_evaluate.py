@@ -62,6 +62,7 @@ def test_fid_of_two_gaussians_matches_the_formula():
     assert frechet_distance(np.array([1.0]), np.array([[4.0]]), np.array([-2.0]), np.array([[9.0]])) == pytest.approx(10.0)
 
 
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # the scipy reference, not ours
 def test_fid_handles_singular_covariances():
     rng = np.random.default_rng(3)
     low_rank = rng.normal(size=(8, 2))
@@ -220,19 +221,23 @@ def test_tf1_bilinear_resize_hand_computed():
     assert torch.equal(out[0, 0, 0], out[0, 0, 3])  # rows are constant along H here
 
 
+@pytest.mark.slow  # ~6 GFLOP per image on CPU
 def test_inception_loads_local_weights_and_gives_adm_feature_shapes(tmp_path, capsys):
     torch.manual_seed(0)
     weights = tmp_path / "inception_random.pth"
     torch.save(InceptionV3().state_dict(), weights)
     model = load_inception(weights)
-    out = model(torch.from_numpy(random_images(2, seed=8, size=16)))
-    assert {k: tuple(v.shape) for k, v in out.items()} == {"pool": (2, 2048), "spatial": (2, 2023), "logits": (2, 1008)}
+    out = model(torch.from_numpy(random_images(1, seed=8, size=16)))
+    assert {k: tuple(v.shape) for k, v in out.items()} == {"pool": (1, 2048), "spatial": (1, 2023), "logits": (1, 1008)}
     torch.testing.assert_close(out["logits"], out["pool"] @ model.fc.weight.T)  # no bias (ADM's IS logits)
     # The CLI reaches the same network through --inception.
-    images = write_npz(tmp_path / "s.npz", random_images(5, seed=9, size=8))
-    result = evaluate.main(["--samples", images, "--ref", images, "--inception", str(weights), "--device", "cpu"])
-    assert result["fid"] == pytest.approx(0, abs=1e-6) and result["feature_extractor"] == "inception-2015-12-05"
-    assert (result["precision"], result["recall"]) == (1.0, 1.0)
+    images = write_npz(tmp_path / "s.npz", random_images(2, seed=9, size=8))
+    result = evaluate.main(["--samples", images, "--save-stats", str(tmp_path / "stats.npz"),
+                            "--inception", str(weights), "--device", "cpu"])
+    assert result["feature_extractor"] == "inception-2015-12-05"
+    with np.load(tmp_path / "stats.npz") as stats:
+        assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048)
+        assert stats["mu_s"].shape == (2023,) and str(stats["extractor"]) == "inception-2015-12-05"
 
 
 def test_inception_rejects_wrong_files(tmp_path):

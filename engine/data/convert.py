@@ -149,6 +149,9 @@ _worker_encoder: SampleEncoder | None = None
 def _init_worker(settings: EncodeSettings, progress: Any, threads: int) -> None:
     global _worker_encoder
     torch.set_num_threads(threads)
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("make_shards: %(message)s"))
+    log.handlers[:], log.propagate = [handler], False
     _worker_encoder = SampleEncoder(settings, report=progress.put)
 
 
@@ -181,8 +184,8 @@ def _check_plan(out: Path, plan: dict) -> None:
 def convert(items: list[Item], out: Path, shard_size: int, settings: EncodeSettings, workers: int,
             meta: dict, listing_skipped: list[dict]) -> dict | None:
     """Write this rank's missing shards; returns index.json's content if this rank wrote it."""
-    if shard_size < 1:
-        raise DataError(f"--shard-size must be positive, got {shard_size}")
+    if shard_size < 1 or settings.image_size < 1:
+        raise DataError(f"--shard-size and --image-size must be positive, got {shard_size} and {settings.image_size}")
     if not items:
         raise DataError("no input to convert")
     rank, world, local_rank = dist_env()

@@ -98,15 +98,11 @@ class TrainLoader:
 
     @property
     def skipped_samples(self) -> int:
-        """Corrupt or incomplete samples skipped so far (in steps handed out); log it as data/skipped."""
+        """Corrupt or incomplete samples skipped so far by this rank (in the steps handed out)."""
         return self._skipped
 
-    @property
-    def next_step(self) -> int:
-        return self._next_step
-
     def epoch(self, step: int | None = None) -> float | None:
-        """Epochs of data consumed before `step` (default: the next step); None if the size is unknown."""
+        """Epochs of data in the first `step` steps (default: the steps handed out); None if N is unknown."""
         step = self._next_step if step is None else step
         return step * self.global_batch_size / self.num_samples if self.num_samples else None
 

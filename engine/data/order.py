@@ -7,6 +7,7 @@ generator), never depend on the number of ranks or data workers.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from engine.rng import sample_generator, sample_seed
@@ -36,13 +37,13 @@ class GlobalOrder:
 
     def __init__(self, seed: int, num_samples: int):
         self.seed, self.num_samples = seed, num_samples
-        self._epochs: dict[int, torch.Tensor] = {}
+        self._epochs: dict[int, np.ndarray] = {}
 
-    def _permutation(self, epoch: int) -> torch.Tensor:
+    def _permutation(self, epoch: int) -> np.ndarray:
         if epoch not in self._epochs:
             if len(self._epochs) >= 2:
                 del self._epochs[min(self._epochs)]
-            self._epochs[epoch] = epoch_permutation(self.seed, epoch, self.num_samples)
+            self._epochs[epoch] = epoch_permutation(self.seed, epoch, self.num_samples).numpy()
         return self._epochs[epoch]
 
     def sample_at(self, position: int, offset: int = 0) -> int:

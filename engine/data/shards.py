@@ -78,7 +78,8 @@ def write_shard(path: Path, samples: Iterable[dict[str, Any]], extra: dict | Non
     """
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        with wds.TarWriter(f, encoder=False) as writer:
+        # a fixed integer mtime: no pax header per member, and the same inputs give the same bytes
+        with wds.TarWriter(f, encoder=False, mtime=0) as writer:
             for sample in samples:
                 writer.write({k: v.encode() if isinstance(v, str) and k != "__key__" else v for k, v in sample.items()})
         f.flush()

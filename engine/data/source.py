@@ -76,12 +76,15 @@ def open_source(cfg: Config) -> DataSource:
 
 
 def _first_indexed_sample(index: ShardIndex) -> dict[str, Any]:
-    errors = []
-    for sample_id in range(min(16, index.num_samples)):
-        try:
-            return ShardReader(index).read(sample_id)
-        except CorruptSample as e:
-            errors.append(str(e))
+    reader, errors = ShardReader(index), []
+    try:
+        for sample_id in range(min(16, index.num_samples)):
+            try:
+                return reader.read(sample_id)
+            except CorruptSample as e:
+                errors.append(str(e))
+    finally:
+        reader.close()
     raise DataError(f"{index.root}: the first samples are unreadable: {'; '.join(errors)}")
 
 
@@ -113,7 +116,7 @@ def _decode_spec(cfg: Config, meta: dict, members: list[str], first: dict[str, A
             hint = ": set data.latent=true" if LATENT in members else ""
             raise DataError(f"{where} hold no image member (members: {members}){hint}")
         member, flip_pairs = images[0], False
-        channels = int(meta.get("image", {}).get("channels", 0)) or _image_channels(first[member])
+        channels = int((meta.get("image") or {}).get("channels", 0)) or _image_channels(first[member])
         size = model.input_size
     if channels != model.in_channels:
         raise DataError(f"model.in_channels={model.in_channels} but the samples have {channels} channels")
@@ -126,7 +129,7 @@ def _decode_spec(cfg: Config, meta: dict, members: list[str], first: dict[str, A
         if TEXT_EMB not in members or TEXT_POOLED not in members:
             raise DataError(f"model.text.precomputed=true but {where} hold no `{TEXT_EMB}`/`{TEXT_POOLED}`; "
                             "convert with `make_shards captions --text-encoder DIR`")
-        stored = meta.get("text", {}).get("max_length", 0)
+        stored = (meta.get("text") or {}).get("max_length", 0)
         if stored > model.text.max_length:
             raise DataError(f"model.text.max_length={model.text.max_length} but the shards hold up to {stored} tokens")
         dim = int(load_npy(first[TEXT_EMB]).shape[-1])

@@ -1,6 +1,7 @@
 """A diffusers `AutoencoderKL` from a local folder, encoding pixels to the latents the model trains on."""
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from pathlib import Path
 
@@ -23,7 +24,9 @@ def latent_meta(path: str | Path, image_size: int) -> dict:
     defaults = {k: p.default for k, p in inspect.signature(AutoencoderKL.__init__).parameters.items()}
     config = {**defaults, **read_json(config_path)}
     downsample = 2 ** (len(config["block_out_channels"]) - 1)
-    return {"vae": str(path), "scaling_factor": float(config["scaling_factor"]),
+    if image_size % downsample:
+        raise DataError(f"--image-size {image_size} is not a multiple of the VAE's downsampling factor {downsample}")
+    return {"vae": str(Path(path).resolve()), "scaling_factor": float(config["scaling_factor"]),
             "shift_factor": float(config["shift_factor"] or 0.0), "channels": int(config["latent_channels"]),
             "downsample": downsample, "size": image_size // downsample, "dtype": "float16", "flip_pairs": True}
 
@@ -36,7 +39,9 @@ class LatentEncoder:
 
         self.meta = latent_meta(path, image_size)
         self.device = torch.device(device)
-        self.vae = AutoencoderKL.from_pretrained(path).to(self.device).eval().requires_grad_(False)
+        low_memory = importlib.util.find_spec("accelerate") is not None  # diffusers warns without it
+        self.vae = AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=low_memory)
+        self.vae = self.vae.to(self.device).eval().requires_grad_(False)
 
     @torch.no_grad()
     def encode(self, pixels: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:

@@ -19,6 +19,7 @@ from models.diffusion.flow import ModelFn, RectifiedFlow
 if TYPE_CHECKING:
     from engine.config import Config
     from models.dit import DiT
+    from models.text import TextEmbeddings
 
 __all__ = ["DDPM", "ModelFn", "Objective", "RectifiedFlow", "build_diffusion", "guided_model_fn"]
 
@@ -48,9 +49,16 @@ def build_diffusion(cfg: Config) -> Objective:
     raise ValueError(f"diffusion.objective: unknown {d.objective!r} (known: 'flow', 'ddpm')")
 
 
-def guided_model_fn(model: DiT, y: torch.Tensor, cfg_scale: float) -> ModelFn:
+def guided_model_fn(model: DiT, y: torch.Tensor | None, cfg_scale: float, text: TextEmbeddings | None = None,
+                    null_text: TextEmbeddings | None = None) -> ModelFn:
     """model_fn(x, t) for sampling class `y`: plain conditional output at cfg_scale 1, otherwise
-    classifier-free guidance v_u + s (v_c - v_u) (one batched call over both halves)."""
+    classifier-free guidance v_u + s (v_c - v_u) (one batched call over both halves).
+    Text-conditioned models take the prompts' `text` instead, and `null_text` (the empty prompt) as
+    the unconditional half."""
+    if text is not None:
+        if cfg_scale == 1.0:
+            return lambda x, t: model(x, t, y, text=text)
+        return lambda x, t: model.forward_with_cfg(x, t, y, cfg_scale, text=text, null_text=null_text)
     if cfg_scale == 1.0:
         return lambda x, t: model(x, t, y)
     return lambda x, t: model.forward_with_cfg(x, t, y, cfg_scale)

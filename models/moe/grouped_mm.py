@@ -5,8 +5,9 @@
 Three loop-free paths, picked per call:
 - equal counts (expert choice, DiffMoE training: every expert takes exactly k tokens): one `bmm`
   on views, no copies;
-- unequal counts: `torch._grouped_mm` (CPU fp32/bf16, CUDA bf16 on recent GPUs), through an
-  autograd function of our own (its built-in backward rejects broadcast gradients);
+- unequal counts: `torch._grouped_mm` (CPU fp32/bf16, CUDA bf16 on recent GPUs; widths whose rows
+  are multiples of 16 bytes), through an autograd function of our own (its built-in backward
+  rejects broadcast gradients);
 - otherwise (float64, GPUs without grouped GEMM): rows scattered into a zero-padded
   [E, max_count, i] buffer and one `bmm`. The padding is bounded by the largest group, which the
   capacity limit bounds for token choice with drop.
@@ -70,7 +71,8 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Ten
         return x.new_zeros(0, w.shape[2]) + 0 * w.sum()  # keeps w in the graph (zero gradient)
     if min(counts) == max(counts):
         return torch.bmm(x.view(num, counts[0], -1), w).view(x.shape[0], -1)
-    if x.dtype == w.dtype and _grouped_mm_supported(x.device, x.dtype):
+    aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])  # the kernel's stride rule
+    if aligned and x.dtype == w.dtype and _grouped_mm_supported(x.device, x.dtype):
         offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x.device)
         return _GroupedMM.apply(x.contiguous(), w, offs)
     return _padded_mm(x, w, counts)

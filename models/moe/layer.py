@@ -93,7 +93,8 @@ class MoELayer(nn.Module):
         self.pool: TokenPool = LocalPool(moe.pool if moe.pool in ("sample", "micro_batch") else "micro_batch")
         self.dispatcher = LocalDispatcher()
         self.aux_loss = torch.zeros(())
-        self.stats: dict[str, torch.Tensor] = {}
+        self._stats_inputs: tuple | None = None  # what the last forward saw; `stats` is built on demand
+        self._stats_cache: dict[str, torch.Tensor] | None = None
         self.reset_meter()
 
     # ---------------------------------------------------------------------------------- control
@@ -133,7 +134,7 @@ class MoELayer(nn.Module):
     # ---------------------------------------------------------------------------------- forward
     def _select(self, flat: torch.Tensor, affinity: torch.Tensor, select_score: torch.Tensor, tokens_per_sample: int,
                 record: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """-> (selected [T, E] bool, combine weights [T, E], weighted aux loss, extra stats)."""
+        """-> (selected [T, E] bool, combine weights [T, E], weighted aux loss, raw inputs of stats)."""
         num_tokens = flat.shape[0]
         pool_tokens = self.pool.pool_tokens(num_tokens, tokens_per_sample)
         aux = affinity.new_zeros(())
@@ -150,7 +151,7 @@ class MoELayer(nn.Module):
                 aux = aux + self.aux_loss_weight * load_balance_loss(self.router.probabilities(affinity), chosen)
             if self.router.kind == "sigmoid_bias" and record:
                 self.router.load.add_(chosen.sum(0).to(self.router.load.dtype))
-            stats["dropped_frac"] = 1.0 - selected.sum() / chosen.sum().clamp_min(1)
+            stats["chosen"] = chosen
             return selected, weights, aux, stats
 
         weights = affinity * self.routed_scaling if self.routed_scaling != 1.0 else affinity
@@ -169,8 +170,8 @@ class MoELayer(nn.Module):
                 aux = aux + self.predictor_loss_weight * predictor_loss(pred, selected)
                 if record:
                     self.predictor.update_threshold(self.pool.kth_largest(prob, k, tokens_per_sample), self.threshold_ema)
-            stats["predictor_acc"] = ((prob > self.predictor.threshold) == selected).float().mean()
-            stats["threshold"] = self.predictor.threshold.detach().clone()
+            stats["predicted"] = prob
+            stats["threshold"] = self.predictor.threshold.clone()
         return selected, weights, aux, stats
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
@@ -204,25 +205,42 @@ class MoELayer(nn.Module):
         if not _recomputing():
             self.meter_pairs += plan.token_index.numel()
             self.meter_tokens += b * n
-            self.stats = self._stats(affinity, selected, t, n, stats)
+            self._stats_inputs = (affinity.detach(), selected, None if t is None else t.detach(), n, self.capacity, stats)
+            self._stats_cache = None
         return out.reshape(b, n, d).to(x.dtype)
 
+    @property
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Monitors of the last forward (detached), computed when first read (training steps that
+        are not logged pay nothing): tokens_per_expert [E], experts_per_token, router_entropy,
+        capacity, dropped_frac (TC) or unrouted_frac (EC / DiffMoE), predictor_acc and threshold [E]
+        (predictor), router_bias [E] (sigmoid_bias), load_by_t [E, TIME_BUCKETS] (share of a
+        timestep bucket's tokens each expert took) and compute_by_t [TIME_BUCKETS] (experts per token)."""
+        if self._stats_cache is None:
+            self._stats_cache = {} if self._stats_inputs is None else self._compute_stats(*self._stats_inputs)
+        return self._stats_cache
+
     @torch.no_grad()
-    def _stats(self, affinity: torch.Tensor, selected: torch.Tensor, t: torch.Tensor | None, tokens_per_sample: int,
-               stats: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        probs = self.router.probabilities(affinity.detach())
+    def _compute_stats(self, affinity: torch.Tensor, selected: torch.Tensor, t: torch.Tensor | None,
+                       tokens_per_sample: int, capacity: float, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        probs = self.router.probabilities(affinity)
         sel = selected.float()
-        stats = dict(stats)
+        stats: dict[str, torch.Tensor] = {}
+        if "chosen" in raw:
+            stats["dropped_frac"] = 1.0 - sel.sum() / raw["chosen"].sum().clamp_min(1)
+        if "predicted" in raw:
+            stats["predictor_acc"] = ((raw["predicted"] > raw["threshold"]) == selected).float().mean()
+            stats["threshold"] = raw["threshold"]
         stats["tokens_per_expert"] = sel.sum(0)
         stats["experts_per_token"] = sel.sum() / max(1, sel.shape[0])
         stats["router_entropy"] = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
-        stats["capacity"] = torch.tensor(float(self.capacity))
+        stats["capacity"] = torch.tensor(float(capacity))
         if self.routing != "token_choice":
             stats["unrouted_frac"] = (sel.sum(1) == 0).float().mean()
         if self.router.kind == "sigmoid_bias":
             stats["router_bias"] = self.router.balance_bias.detach().clone()
         if t is not None:
-            bucket = (t.detach().float() * TIME_BUCKETS).long().clamp_(0, TIME_BUCKETS - 1)
+            bucket = (t.float() * TIME_BUCKETS).long().clamp_(0, TIME_BUCKETS - 1)
             bucket = bucket.repeat_interleave(tokens_per_sample)
             per_bucket = torch.bincount(bucket, minlength=TIME_BUCKETS).clamp_min(1).to(sel.dtype)
             load = sel.new_zeros(self.num_experts, TIME_BUCKETS).index_add_(1, bucket, sel.t())

@@ -19,4 +19,5 @@ def load_balance_loss(probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor
 
 def predictor_loss(logits: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
     """BCE-with-logits of the capacity predictor against the expert-choice selection mask."""
-    return F.binary_cross_entropy_with_logits(logits.float(), selected.float())
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.binary_cross_entropy_with_logits(logits, selected.to(logits.dtype))

@@ -30,9 +30,10 @@ class Router(nn.Module):
             self.register_buffer("load", torch.zeros(num_experts), persistent=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [T, d] -> (affinity [T, E] fp32 used as combine weights, selection score [T, E] fp32)."""
-        with torch.autocast(device_type=x.device.type, enabled=False):  # routing decisions stay fp32
-            logits = F.linear(x.float(), self.weight.float())
+        """x [T, d] -> (affinity [T, E] used as combine weights, selection score [T, E]), both >= fp32."""
+        dtype = torch.promote_types(x.dtype, torch.float32)  # fp32 at least, also under bf16 autocast
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            logits = F.linear(x.to(dtype), self.weight.to(dtype))
         if self.kind == "softmax":
             scores = logits.softmax(dim=-1)
             return scores, scores

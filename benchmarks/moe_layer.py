@@ -1,0 +1,179 @@
+"""Forward + backward time of every MoE routing strategy vs the dense FFN of equal activated FLOPs,
+and vs DeepSpeed's MoE layer (deepspeed.moe.layer.MoE, top-1 and top-2), side by side in one process.
+
+    python benchmarks/moe_layer.py [--quick] [--threads 1] [--rounds 15]
+
+Each round times one training iteration (gradients reset, forward, backward of a random cotangent
+plus the layer's aux loss) of every case in turn; a case's ratio is the median over rounds of its
+time / the time of its dense reference in the same round, so load from other processes on a shared
+machine hits both sides alike. Writes the `moe_layer` section of benchmarks/RESULTS.md; the last line
+is JSON {"d", "E", "tokens", "diffmoe_vs_dense", "deepspeed_vs_dense", ...} of the S-size case.
+
+CPU note: expert weight gradients are E times the size of a dense FFN's; glibc returns such large
+blocks to the kernel on free, so every backward would page-fault them in again (a cost a GPU caching
+allocator does not have). The benchmark sets PyTorch's THP_MEM_ALLOC_ENABLE=1 (huge pages for large
+CPU tensors) for every case alike; `--no-thp` measures without it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if "--no-thp" not in sys.argv:
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read by torch's CPU allocator at first use
+
+import argparse
+import json
+import socket
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from benchmarks.results import update_results  # noqa: E402
+from engine.config import ModelConfig, MoEConfig  # noqa: E402
+from models.ffn import DenseFFN  # noqa: E402
+from models.moe.layer import MoELayer  # noqa: E402
+
+SIZES = {"S": (384, 16), "B": (768, 16)}  # width, experts
+BATCH, TOKENS_PER_SAMPLE = 8, 256  # 2048 tokens: 8 ImageNet-256 latents at patch 2
+
+
+@dataclass
+class Case:
+    name: str
+    module: nn.Module
+    reference: str  # name of the dense case of equal activated FLOPs
+    note: str
+    call: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def ours(module, x, c, t):
+    return module(x, c, t), getattr(module, "aux_loss", None)
+
+
+def deepspeed_call(module, x, c, t):
+    out, aux, _ = module(x)
+    return out, aux
+
+
+def init_single_rank_gloo() -> None:
+    """DeepSpeed's MoE needs torch.distributed: a 1-rank gloo group on a free loopback port."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def moe_layer(d: int, **kw) -> MoELayer:
+    return MoELayer(ModelConfig(hidden_size=d, num_heads=1, moe=MoEConfig(**kw)), block_index=1)
+
+
+def build_cases(d: int, experts: int) -> list[Case]:
+    torch.manual_seed(0)
+    h = 4 * d
+    cases = [
+        Case("dense FFN 4d", DenseFFN(d, h), "dense FFN 4d", "reference: one 4d MLP per token", ours),
+        Case("dense FFN 8d", DenseFFN(d, 2 * h), "dense FFN 8d", "reference of top-2 (two 4d experts per token)", ours),
+        Case("diffmoe", moe_layer(d, routing="diffmoe", num_experts=experts, capacity=1.0), "dense FFN 4d",
+             "expert choice over the micro-batch pool, capacity 1, with the capacity predictor", ours),
+        Case("expert_choice", moe_layer(d, routing="expert_choice", pool="sample", num_experts=experts, capacity=1.0,
+                                        predictor=False), "dense FFN 4d", "EC-DiT: per-sample pool, capacity 1", ours),
+        Case("token_choice top-1", moe_layer(d, routing="token_choice", num_experts=experts, top_k=1, capacity=1.0),
+             "dense FFN 4d", "TC-DiT: capacity factor 1 with drop, balance loss", ours),
+        Case("token_choice top-2", moe_layer(d, routing="token_choice", num_experts=experts, top_k=2, drop_tokens=False),
+             "dense FFN 8d", "no drop (unequal groups: grouped GEMM path)", ours),
+    ]
+    try:
+        from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+        init_single_rank_gloo()
+        for k, ref in ((1, "dense FFN 4d"), (2, "dense FFN 8d")):
+            ds = DeepSpeedMoE(d, DenseFFN(d, h), num_experts=experts, ep_size=1, k=k, capacity_factor=1.0,
+                              min_capacity=4, drop_tokens=True)
+            cases.append(Case(f"deepspeed top-{k}", ds, ref, "deepspeed.moe.layer.MoE, capacity factor 1", deepspeed_call))
+    except ImportError as e:  # the table then says DeepSpeed was not measured
+        print(f"deepspeed unavailable ({e}); its rows are skipped", file=sys.stderr)
+    for case in cases:
+        case.module.train()
+    return cases
+
+
+def step(case: Case, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor, grad: torch.Tensor) -> float:
+    for p in case.module.parameters():
+        p.grad = None
+    x.grad = None
+    start = time.perf_counter()
+    out, aux = case.call(case.module, x, c, t)
+    loss = (out * grad).sum()
+    if aux is not None and aux.requires_grad:
+        loss = loss + aux
+    loss.backward()
+    return time.perf_counter() - start
+
+
+def measure(size: str, rounds: int, warmup: int = 2) -> tuple[str, dict]:
+    d, experts = SIZES[size]
+    cases = build_cases(d, experts)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(BATCH, TOKENS_PER_SAMPLE, d, generator=g).requires_grad_()
+    c, t = torch.randn(BATCH, d, generator=g), torch.rand(BATCH, generator=g)
+    grad = torch.randn(BATCH, TOKENS_PER_SAMPLE, d, generator=g)
+    times: dict[str, list[float]] = {case.name: [] for case in cases}
+    for r in range(warmup + rounds):
+        for case in cases:
+            elapsed = step(case, x, c, t, grad)
+            if r >= warmup:
+                times[case.name].append(elapsed)
+        print(f"  {size} round {r + 1}/{warmup + rounds}", file=sys.stderr, end="\r")
+    print(file=sys.stderr)
+    ratios = {case.name: statistics.median(a / b for a, b in zip(times[case.name], times[case.reference]))
+              for case in cases}
+    rows = [f"| {case.name} | {statistics.median(times[case.name]) * 1e3:.1f} | {min(times[case.name]) * 1e3:.1f} | "
+            f"{ratios[case.name]:.2f} × {case.reference} | {case.note} |" for case in cases]
+    table = (f"**{size}**: d={d}, E={experts}, {BATCH * TOKENS_PER_SAMPLE} tokens ({BATCH} × {TOKENS_PER_SAMPLE}), "
+             f"fp32, {torch.get_num_threads()} thread(s), {rounds} interleaved rounds\n\n"
+             "| case | median ms | min ms | ratio (median of per-round ratios) | what |\n|---|---|---|---|---|\n"
+             + "\n".join(rows))
+    return table, {"d": d, "E": experts, "tokens": BATCH * TOKENS_PER_SAMPLE, **{k: round(v, 3) for k, v in ratios.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="S size only")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least disturbed by other load)")
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--no-thp", action="store_true", help="measure without huge pages for large CPU tensors")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sections, headline = [], {}
+    for size in (["S"] if args.quick else ["S", "B"]):
+        table, ratios = measure(size, args.rounds)
+        sections.append(table)
+        print(table)
+        if size == "S":
+            headline = ratios
+    thp = "off" if args.no_thp else "on"
+    update_results("moe_layer", f"`python benchmarks/moe_layer.py{' --quick' if args.quick else ''}` "
+                   f"(THP_MEM_ALLOC_ENABLE {thp}). Forward + backward of one training iteration.\n\n"
+                   + "\n\n".join(sections))
+    print(json.dumps({"d": headline["d"], "E": headline["E"], "tokens": headline["tokens"],
+                      "diffmoe_vs_dense": headline["diffmoe"], "deepspeed_vs_dense": headline.get("deepspeed top-1"),
+                      "deepspeed_top2_vs_dense": headline.get("deepspeed top-2"),
+                      "expert_choice_vs_dense": headline["expert_choice"],
+                      "token_choice_top1_vs_dense": headline["token_choice top-1"],
+                      "token_choice_top2_vs_dense": headline["token_choice top-2"], "thp": thp == "on"}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Captions -> the `text=` input of a text-conditioned DiT, for training and for sampling.
+
+    text = build_text_conditioner(cfg, device)           # None for class-conditional models
+    emb = text.training_text(batch)                      # a loader micro-batch, caption dropout applied
+    model(x_t, t, batch["y"], text=emb)
+    generate(..., **text.sampling_kwargs(prompts))       # text= and the empty prompt null_text= for CFG
+    generate(..., **text.label_kwargs(labels))           # digits: prompts "a handwritten digit seven", ...
+
+Caption dropout (classifier-free guidance) replaces a caption by the empty prompt "" with
+probability `model.text.caption_dropout`, drawn from the sample's global index (stream
+"label_drop" of `engine.rng`), so a step's global batch is the same whatever the world size.
+With `model.text.precomputed` the token states come from the shards (`text_emb`, `text_mask`,
+`text_pooled` of the loader); the encoder is loaded once to embed the empty prompt, then released.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from engine.config import ConfigError
+from engine.rng import per_sample_uniform
+from models.text import FrozenTextEncoder, TextEmbeddings, TextEncoderError, build_text_encoder
+
+if TYPE_CHECKING:
+    from engine.config import Config
+
+
+class TextConditioner:
+    """The frozen encoder (or the shards' embeddings), caption dropout and the empty prompt on `device`."""
+
+    def __init__(self, cfg: Config, encoder: FrozenTextEncoder, device: torch.device | str):
+        self.cfg, self.device = cfg, torch.device(device)
+        self.empty = encoder([""]).to(self.device)  # [1, L, D]: the unconditional input of CFG
+        # precomputed: the shards hold every caption's embedding, so the (possibly huge) encoder goes
+        self.encoder: FrozenTextEncoder | None = None if cfg.model.text.precomputed else encoder
+
+    def encode(self, prompts: list[str]) -> TextEmbeddings:
+        if self.encoder is None:
+            raise RuntimeError("model.text.precomputed=true released the text encoder; encoding new prompts "
+                               "needs model.text.precomputed=false")
+        return self.encoder(prompts).to(self.device)
+
+    def null(self, batch: int) -> TextEmbeddings:
+        """The empty prompt's embedding repeated `batch` times."""
+        return self.empty.expand_to(batch)
+
+    def training_text(self, batch: dict[str, Any]) -> TextEmbeddings:
+        """The micro-batch's caption embeddings, each dropped to the empty prompt with probability
+        `model.text.caption_dropout`, decided by (train.seed, step, global sample index)."""
+        text = self.cfg.model.text
+        if text.precomputed:
+            if "text_emb" not in batch:
+                raise ValueError("model.text.precomputed=true but the loader gave no text_emb "
+                                 "(convert the captions with `make_shards captions --text-encoder DIR`)")
+            emb = TextEmbeddings(batch["text_emb"], batch["text_mask"], batch["text_pooled"]).to(self.device)
+            empty_rows = ~emb.mask.any(1)
+            if bool(empty_rows.any()):
+                keys = [batch["key"][i] for i in torch.nonzero(empty_rows).flatten().tolist()]
+                raise ValueError(f"samples {keys} store text embeddings with no token; re-encode their captions")
+        else:
+            if "caption" not in batch:
+                raise ValueError(f"model.text.encoder={text.encoder} needs captions, but the samples of "
+                                 f"data.source={self.cfg.data.source} carry no `txt`")
+            emb = self.encode(batch["caption"])
+        dropped = per_sample_uniform(self.cfg.train.seed, int(batch["step"]), batch["index"], "label_drop") < text.caption_dropout
+        return emb.where(~dropped, self.empty)
+
+    def sampling_kwargs(self, prompts: list[str]) -> dict[str, TextEmbeddings]:
+        """`text` and `null_text` (the empty prompt, for guidance) of `engine.sampling.generate`."""
+        return {"text": self.encode(prompts), "null_text": self.null(len(prompts))}
+
+    def label_kwargs(self, labels: torch.Tensor) -> dict[str, TextEmbeddings]:
+        """`sampling_kwargs` of the digits captions of class labels (training grids, eval/class_acc)."""
+        if self.cfg.data.source != "digits":
+            raise ValueError(f"class labels have captions only for data.source=digits, not {self.cfg.data.source}")
+        return self.sampling_kwargs(digits_prompts(labels))
+
+
+def build_text_conditioner(cfg: Config, device: torch.device | str) -> TextConditioner | None:
+    """The conditioner of `cfg.model.text`, or None for a class-conditional model; a missing or
+    mismatched encoder folder is a ConfigError naming the key."""
+    if cfg.model.text.encoder == "none":
+        return None
+    try:
+        encoder = build_text_encoder(cfg.model.text, device)
+    except TextEncoderError as e:
+        raise ConfigError(str(e)) from None
+    return TextConditioner(cfg, encoder, device)
+
+
+def digits_prompts(labels: torch.Tensor) -> list[str]:
+    """The captions the digits shards carry for these class labels ("a handwritten digit seven")."""
+    from engine.data import digits_caption
+
+    return [digits_caption(int(label)) for label in labels]
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line (surrounding spaces stripped, blank lines skipped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--prompts: {path} is not a file")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts: {path} holds no prompt (one per line)")
+    return prompts
