@@ -6,7 +6,8 @@ and vs DeepSpeed's MoE layer (deepspeed.moe.layer.MoE, top-1 and top-2), side by
 Each round times one training iteration (gradients reset, forward, backward of a random cotangent
 plus the layer's aux loss) of every case in turn; a case's ratio is the median over rounds of its
 time / the time of its dense reference in the same round, so load from other processes on a shared
-machine hits both sides alike. Writes the `moe_layer` section of benchmarks/RESULTS.md; the last line
+machine hits both sides alike. Ratios are taken on the process CPU time (one thread by default: the
+work done, not the waits for a core that other processes hold); wall-clock ratios are shown too. Writes the `moe_layer` section of benchmarks/RESULTS.md; the last line
 is JSON {"d", "E", "tokens", "diffmoe_vs_dense", "deepspeed_vs_dense", ...} of the S-size case.
 
 CPU note: expert weight gradients are E times the size of a dense FFN's; glibc returns such large
@@ -87,6 +88,8 @@ def build_cases(d: int, experts: int) -> list[Case]:
         Case("dense FFN 8d", DenseFFN(d, 2 * h), "dense FFN 8d", "reference of top-2 (two 4d experts per token)", ours),
         Case("diffmoe", moe_layer(d, routing="diffmoe", num_experts=experts, capacity=1.0), "dense FFN 4d",
              "expert choice over the micro-batch pool, capacity 1, with the capacity predictor", ours),
+        Case("diffmoe, no predictor", moe_layer(d, routing="diffmoe", num_experts=experts, capacity=1.0, predictor=False),
+             "dense FFN 4d", "the same routing without training the predictor (its Linear(d, d) costs ~8% of the FLOPs)", ours),
         Case("expert_choice", moe_layer(d, routing="expert_choice", pool="sample", num_experts=experts, capacity=1.0,
                                         predictor=False), "dense FFN 4d", "EC-DiT: per-sample pool, capacity 1", ours),
         Case("token_choice top-1", moe_layer(d, routing="token_choice", num_experts=experts, top_k=1, capacity=1.0),
@@ -109,17 +112,18 @@ def build_cases(d: int, experts: int) -> list[Case]:
     return cases
 
 
-def step(case: Case, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor, grad: torch.Tensor) -> float:
+def step(case: Case, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor, grad: torch.Tensor) -> tuple[float, float]:
+    """-> (CPU seconds of this process, wall seconds) of one training iteration."""
     for p in case.module.parameters():
         p.grad = None
     x.grad = None
-    start = time.perf_counter()
+    cpu, wall = time.process_time(), time.perf_counter()
     out, aux = case.call(case.module, x, c, t)
     loss = (out * grad).sum()
     if aux is not None and aux.requires_grad:
         loss = loss + aux
     loss.backward()
-    return time.perf_counter() - start
+    return time.process_time() - cpu, time.perf_counter() - wall
 
 
 def measure(size: str, rounds: int, warmup: int = 2) -> tuple[str, dict]:
@@ -129,21 +133,26 @@ def measure(size: str, rounds: int, warmup: int = 2) -> tuple[str, dict]:
     x = torch.randn(BATCH, TOKENS_PER_SAMPLE, d, generator=g).requires_grad_()
     c, t = torch.randn(BATCH, d, generator=g), torch.rand(BATCH, generator=g)
     grad = torch.randn(BATCH, TOKENS_PER_SAMPLE, d, generator=g)
-    times: dict[str, list[float]] = {case.name: [] for case in cases}
+    cpu: dict[str, list[float]] = {case.name: [] for case in cases}
+    wall: dict[str, list[float]] = {case.name: [] for case in cases}
     for r in range(warmup + rounds):
         for case in cases:
-            elapsed = step(case, x, c, t, grad)
+            cpu_s, wall_s = step(case, x, c, t, grad)
             if r >= warmup:
-                times[case.name].append(elapsed)
+                cpu[case.name].append(cpu_s)
+                wall[case.name].append(wall_s)
         print(f"  {size} round {r + 1}/{warmup + rounds}", file=sys.stderr, end="\r")
     print(file=sys.stderr)
-    ratios = {case.name: statistics.median(a / b for a, b in zip(times[case.name], times[case.reference]))
-              for case in cases}
-    rows = [f"| {case.name} | {statistics.median(times[case.name]) * 1e3:.1f} | {min(times[case.name]) * 1e3:.1f} | "
-            f"{ratios[case.name]:.2f} × {case.reference} | {case.note} |" for case in cases]
+
+    def ratio(times: dict[str, list[float]], case: Case) -> float:
+        return statistics.median(a / b for a, b in zip(times[case.name], times[case.reference]))
+
+    ratios = {case.name: ratio(cpu, case) for case in cases}
+    rows = [f"| {case.name} | {statistics.median(cpu[case.name]) * 1e3:.1f} | {min(cpu[case.name]) * 1e3:.1f} | "
+            f"**{ratios[case.name]:.2f}** × {case.reference} | {ratio(wall, case):.2f} | {case.note} |" for case in cases]
     table = (f"**{size}**: d={d}, E={experts}, {BATCH * TOKENS_PER_SAMPLE} tokens ({BATCH} × {TOKENS_PER_SAMPLE}), "
              f"fp32, {torch.get_num_threads()} thread(s), {rounds} interleaved rounds\n\n"
-             "| case | median ms | min ms | ratio (median of per-round ratios) | what |\n|---|---|---|---|---|\n"
+             "| case | median CPU ms | min CPU ms | ratio (CPU time) | ratio (wall) | what |\n|---|---|---|---|---|---|\n"
              + "\n".join(rows))
     return table, {"d": d, "E": experts, "tokens": BATCH * TOKENS_PER_SAMPLE, **{k: round(v, 3) for k, v in ratios.items()}}
 
@@ -170,6 +179,7 @@ def main() -> None:
     print(json.dumps({"d": headline["d"], "E": headline["E"], "tokens": headline["tokens"],
                       "diffmoe_vs_dense": headline["diffmoe"], "deepspeed_vs_dense": headline.get("deepspeed top-1"),
                       "deepspeed_top2_vs_dense": headline.get("deepspeed top-2"),
+                      "diffmoe_no_predictor_vs_dense": headline["diffmoe, no predictor"],
                       "expert_choice_vs_dense": headline["expert_choice"],
                       "token_choice_top1_vs_dense": headline["token_choice top-1"],
                       "token_choice_top2_vs_dense": headline["token_choice top-2"], "thp": thp == "on"}))

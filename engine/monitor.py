@@ -15,6 +15,7 @@ import logging
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -44,6 +45,8 @@ def setup_logging(rank: int) -> None:
                         level=logging.WARNING, force=True)
     for package in ("engine", "parallel", "models"):
         logging.getLogger(package).setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    # DeepSpeed's ZeRO calls a torch.distributed API that torch deprecates, once per process
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
 def _json_value(v: Value) -> float | list | None:

@@ -31,13 +31,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from engine.config import Config, ConfigError, validate
+from engine.data.shards import DataError
 from engine.export import load_model_for_inference
 from engine.npz_io import NpzWriter
 from engine.params import count_params
 from engine.rng import sample_seed
 from engine.sampling import generate, save_grid
 from models import DiT, moe
-from models.diffusion import build_diffusion
+from models.diffusion import Objective, build_diffusion
 from parallel.checkpoint import CheckpointError
 from parallel.zero import DistContext, init_distributed
 
@@ -124,9 +125,10 @@ class Decoder:
         if cfg.data.latent:
             if not cfg.data.vae:
                 raise SampleError("data.vae: the model samples latents; set it to a local AutoencoderKL folder")
-            from engine.data.vae import LatentEncoder
+            from engine.data.vae import LatentEncoder, latent_meta
 
-            self.vae = LatentEncoder(cfg.data.vae, cfg.model.input_size, device)
+            image_size = cfg.model.input_size * latent_meta(cfg.data.vae, 0)["downsample"]
+            self.vae = LatentEncoder(cfg.data.vae, image_size, device)
             if self.vae.meta["channels"] != cfg.model.in_channels:
                 raise SampleError(f"data.vae: {cfg.data.vae} has {self.vae.meta['channels']} latent channels, "
                                   f"the model {cfg.model.in_channels}")
@@ -266,38 +268,16 @@ def sample(args: argparse.Namespace) -> dict:
               f"cfg {settings['cfg_scale']:g}, {settings['sampler']} x {settings['steps']} steps, "
               f"inference {settings['inference']}, batch {args.batch_size} x {ctx.world_size} rank(s) -> {out}", flush=True)
     dist.barrier()
-
-    n = settings["num_samples"]
-    batches = rank_batches(n, args.batch_size, ctx.rank, ctx.world_size)
-    todo = [b for b in batches if not all((out / "images" / f"{i:06d}.png").is_file() for i in b)]
-    progress = ctx.is_main and not args.no_progress
-    if ctx.is_main and len(todo) < len(batches):
-        print(f"resuming: {len(batches) - len(todo)} of rank 0's {len(batches)} batches already done", flush=True)
-    moe.reset_meters(model)
     start = time.time()
-    bar = tqdm(total=sum(len(b) for b in todo), desc="sample", unit="img", disable=not progress, dynamic_ncols=True)
-    for indices in todo:
-        latents = generate(model, objective, labels_of(indices, classes), seeds_of(indices, settings["seed"]),
-                           settings["cfg_scale"], settings["steps"], settings["sampler"])
-        for i, image in zip(indices, decode(latents)):
-            write_png(out / "images" / f"{i:06d}.png", image)
-        bar.update(len(indices))
-    bar.close()
-    made = sum(len(b) for b in todo)
+    made = generate_share(model, objective, decode, settings, classes, out, ctx, progress=not args.no_progress)
     # Per-rank averages weighted by images: each image contributes the same tokens per forward.
     weighted, images_made = all_sum([moe.average_activated_params(model) * made, made], ctx.device)
     dist.barrier()
-
-    result = {"out": str(out), "num_samples": n, "generated": int(images_made), "seconds": round(time.time() - start, 1),
+    result = {"out": str(out), "generated": int(images_made), "seconds": round(time.time() - start, 1),
               "avg_activated_params": weighted / images_made if images_made else None,
               "nominal_activated_params": count_params(cfg)[2], **settings}
     if ctx.is_main:
-        labels = labels_of(range(n), classes)
-        result["npz"] = str(write_npz(out, n, labels, progress))
-        grid = [torch.from_numpy(read_png(out / "images" / f"{i:06d}.png")) for i in range(min(n, GRID_IMAGES))]
-        grid_pixels = torch.stack(grid).permute(0, 3, 1, 2).float() / 127.5 - 1
-        save_grid(grid_pixels, out / "grid.png")
-        result["grid"] = str(out / "grid.png")
+        result.update(assemble(out, settings["num_samples"], classes, progress=not args.no_progress))
         (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
         if result["avg_activated_params"] is not None:
             print(f"average activated params per image: {result['avg_activated_params'] / 1e6:.2f}M "
@@ -306,11 +286,39 @@ def sample(args: argparse.Namespace) -> dict:
     return result
 
 
+def generate_share(model: DiT, objective: Objective, decode: Decoder, settings: dict, classes: list[int], out: Path,
+                   ctx: DistContext, progress: bool) -> int:
+    """Generate this rank's unfinished batches as PNGs; returns the number of images made."""
+    batches = rank_batches(settings["num_samples"], settings["batch_size"], ctx.rank, ctx.world_size)
+    todo = [b for b in batches if not all((out / "images" / f"{i:06d}.png").is_file() for i in b)]
+    if ctx.is_main and len(todo) < len(batches):
+        print(f"resuming: {len(batches) - len(todo)} of rank 0's {len(batches)} batches already done", flush=True)
+    moe.reset_meters(model)
+    made = sum(len(b) for b in todo)
+    with tqdm(total=made, desc="sample", unit="img", disable=not (ctx.is_main and progress),
+              dynamic_ncols=True) as bar:
+        for indices in todo:
+            latents = generate(model, objective, labels_of(indices, classes), seeds_of(indices, settings["seed"]),
+                               settings["cfg_scale"], settings["steps"], settings["sampler"])
+            for i, image in zip(indices, decode(latents)):
+                write_png(out / "images" / f"{i:06d}.png", image)
+            bar.update(len(indices))
+    return made
+
+
+def assemble(out: Path, num_samples: int, classes: list[int], progress: bool) -> dict:
+    """Rank 0, after every rank finished: the `.npz` and the grid, from the PNGs."""
+    npz = write_npz(out, num_samples, labels_of(range(num_samples), classes), progress)
+    first = [torch.from_numpy(read_png(out / "images" / f"{i:06d}.png")) for i in range(min(num_samples, GRID_IMAGES))]
+    save_grid(torch.stack(first).permute(0, 3, 1, 2).float() / 127.5 - 1, out / "grid.png")
+    return {"npz": str(npz), "grid": str(out / "grid.png")}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     try:
         return sample(args)
-    except (SampleError, CheckpointError, ConfigError) as e:
+    except (SampleError, CheckpointError, ConfigError, DataError) as e:
         print(f"sample error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     finally:

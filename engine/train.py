@@ -84,7 +84,8 @@ def train(cfg: Config) -> None:
                                 f"loss or gradient and were skipped; last good checkpoint: "
                                 f"{events.last_checkpoint or 'none yet'}")
         preempted = preemption.requested(all_reduce_sum)
-        events.after_step(step, meter, final=preempted or step == cfg.train.max_steps, preempted=preempted)
+        events.after_step(step, meter, final=preempted or step == cfg.train.max_steps, preempted=preempted,
+                          update_skipped=not applied)
         if preempted:
             events.close()
             raise SystemExit(preemption.exit_code)
@@ -92,6 +93,7 @@ def train(cfg: Config) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    sys.stdout.reconfigure(line_buffering=True)  # log lines reach Slurm / tee'd files as they happen
     args = parse_args(argv)
     cfg = config_or_exit(args.config, args.overrides)
     try:

@@ -61,13 +61,16 @@ class TrainEvents:
         if start_step:
             self.monitor.print(f"resumed from {last_checkpoint} at step {start_step}")
 
-    def after_step(self, step: int, meter: IntervalMeter, final: bool, preempted: bool = False) -> None:
+    def after_step(self, step: int, meter: IntervalMeter, final: bool, preempted: bool = False,
+                   update_skipped: bool = False) -> None:
+        """`update_skipped`: this step's update was not applied (non-finite); no periodic checkpoint
+        then, so the checkpoints kept are ones from before the trouble."""
         t = self.cfg.train
         self.monitor.step_done(step)
         if due(step, t.log_every) or final:
             self.log(step, meter)
         sample = due(step, t.sample_every) or (final and not preempted)
-        save = due(step, t.save_every) or final
+        save = (due(step, t.save_every) and not update_skipped) or final
         evaluate = self.cfg.data.source == "digits" and self.cfg.eval.num_samples > 0 and (
             due(step, self.cfg.eval.every) or (final and not preempted))
         if not (sample or save or evaluate):

@@ -29,6 +29,15 @@ find_repo_dir() {
     cd "$REPO_DIR" || die "cannot cd to $REPO_DIR"
 }
 
+# The interpreter: PYTHON, else the repository's virtualenv (what `make` creates), else python on PATH.
+find_python() {
+    if [[ -z "${PYTHON:-}" ]]; then
+        PYTHON=python
+        [[ -x "$REPO_DIR/.venv/bin/python" ]] && PYTHON="$REPO_DIR/.venv/bin/python"
+    fi
+    return 0
+}
+
 # parse_args DEFAULT_CONFIG [CONFIG] [key.path=value ...] -> CONFIG, OVERRIDES (train.resume=auto first,
 # so the user's own train.resume=... wins).
 parse_args() {
@@ -81,7 +90,7 @@ build_slurm_command() {
     # --kill-on-bad-exit: one crashed rank ends the step instead of leaving the others hung in NCCL.
     LAUNCH=(srun --nodes="$NNODES" --ntasks-per-node="$GPUS_PER_NODE" --kill-on-bad-exit=1
         bash launchers/slurm_task.sh
-        "${PYTHON:-python}" engine/train.py --config "$CONFIG" "${OVERRIDES[@]}")
+        "$PYTHON" engine/train.py --config "$CONFIG" "${OVERRIDES[@]}")
 }
 
 # Process environment of the training step.
@@ -155,6 +164,7 @@ slurm_main() {
     local default_config="$1" default_gpus_per_node="$2"
     shift 2
     find_repo_dir
+    find_python
     parse_args "$default_config" "$@"
     read_requeue_exit_code
     slurm_topology "$default_gpus_per_node"

@@ -10,6 +10,7 @@ REPO_DIR="${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}"
 # shellcheck source=SCRIPTDIR/common.sh
 source "$REPO_DIR/launchers/common.sh"
 find_repo_dir
+find_python
 parse_args configs/quickstart.yaml "$@"
 
 if [[ -z "${NPROC:-}" ]]; then
@@ -21,7 +22,7 @@ if [[ -z "${NPROC:-}" ]]; then
 fi
 [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "NPROC must be a positive integer, got '$NPROC'"
 
-LAUNCH=("${PYTHON:-python}" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NPROC"
+LAUNCH=("$PYTHON" -m torch.distributed.run --standalone --nnodes=1 --nproc-per-node="$NPROC"
     --shutdown-timeout="${SHUTDOWN_TIMEOUT:-600}"
     engine/train.py --config "$CONFIG" "${OVERRIDES[@]}")
 echo "local: $NPROC rank(s) on $(hostname)"

@@ -2,8 +2,9 @@
 # ImageNet 256 class-conditional training on 8 nodes x 8 GPUs, requeued across time limits.
 #   sbatch launchers/slurm_8node.sh [CONFIG] [key.path=value ...]
 #   DRY_RUN=1 sbatch ... (or bash launchers/slurm_8node.sh ... inside an allocation) prints the launch.
-# Submit from the repository root with the virtualenv active (sbatch passes the environment on),
-# or set PYTHON=/path/to/venv/bin/python. See docs/launchers.md.
+# Submit from the repository root; the ranks run the repository's .venv/bin/python when it exists,
+# else `python` of the submitting shell (sbatch passes the environment on); PYTHON=... overrides.
+# See docs/launchers.md.
 # One task per GPU (see launchers/common.sh for why not torchrun); USR1 180 s before the time
 # limit makes the trainer checkpoint, and the job requeues itself and resumes (train.resume=auto).
 #SBATCH --job-name=diffmoe-in256

@@ -10,23 +10,29 @@ Two exact selections (`parallel.pool_selection`):
 
 * `gather`: all-gather the [T, E] scores and rank them locally. Simple; each rank sends
   (n - 1) * T * E * 4 bytes, growing with the token count and the group size n.
-* `radix` (default): a distributed radix select over the order-preserving 32-bit keys of the
-  scores. Four rounds, each an all-reduce of a per-expert 256-bin histogram of the next 8 bits
-  of the keys that still match the threshold's known prefix, find every expert's k-th largest key
-  (the threshold) and how many of the tokens equal to it belong to the top k. Each rank keeps
-  its tokens above the threshold; when a tie straddles the threshold, one all-gather of per-rank
-  tie counts hands the remaining places to the lowest pool indices.
-
-  Metadata per selection and rank: 4 rounds x E x 256 x 4 bytes all-reduced (ring: about twice that
-  sent, constant in T and in n), plus (n - 1) x E x 4 bytes for the tie counts when some tie
-  straddles a threshold (linear in n, the only part that grows with the world size), plus 4 bytes
-  (token-count check). Nothing grows with the token count.
+* `radix` (default): a distributed bucket (radix-style) select over order-preserving integer keys
+  of the scores (the float bits, flipped so that integer order is float order):
+    1. bracket: one all-reduce (max) of each rank's ceil(k/n)-th largest key per expert gives a
+       key range [lo, hi] certain to hold the pool's k-th largest key (usually a few dozen keys);
+    2. refine: all-reduce per-expert histograms of the keys in the range over BINS equal sub-ranges
+       (+ the count above it) and keep the sub-range holding the k-th; stop once every key of the
+       range is in the top k or the range is one key wide (at most MAX_ROUNDS rounds, usually 1-2);
+    3. each rank keeps its tokens above the range and those in it; if a single key value straddles
+       the threshold (ties), one all-gather of per-rank counts of that value gives the remaining
+       places to the lowest pool indices.
+  Metadata per selection and rank (sent, ring all-reduce ~2x the tensor): bracket E x 16 bytes,
+  each round E x (BINS + 1) x 4 bytes, + 4 bytes (token-count check); tie counts (n - 1) x E x 4
+  bytes when a tie straddles a threshold. Bounded by a constant independent of the token count
+  T and, except the tie counts, of the group size n; only the number of rounds can grow, at
+  most logarithmically in T x n (the bracket holds ~ n sqrt(T) keys) and never beyond MAX_ROUNDS.
+  `kth_largest` adds one all-reduce (min) when the k-th key is not pinned down exactly.
 
 For world > 1 the `sample` / `micro_batch` pools choose locally but average `kth_largest` over all
 ranks, so the capacity predictor's thresholds stay identical everywhere.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -38,9 +44,22 @@ from parallel.comm_bytes import CommCounter, all_gather_bytes, all_reduce_bytes
 if TYPE_CHECKING:
     from parallel.groups import ExpertParallelGroups
 
-DIGIT_BITS = 8  # radix digit: 32-bit keys in 32 / 8 = 4 histogram rounds of 256 bins
-_BINS = 1 << DIGIT_BITS
+BINS = 64  # key ranges per refinement round
+MAX_ROUNDS = 6  # 64^6 > 2^33: any key range is one key wide after six rounds
 _SIGN = 1 << 31
+_NO_KEY = 1 << 40  # above every key
+
+
+@dataclass
+class _Found:
+    """Per expert [E]: the key range [lo, hi] holding the k-th largest candidate of the pool, how many
+    of its candidates belong to the top k (`need`, 0 when no candidate is wanted), and how many
+    candidates it holds over the pool (`inside`)."""
+
+    lo: torch.Tensor
+    hi: torch.Tensor
+    need: torch.Tensor
+    inside: torch.Tensor
 
 
 def order_keys(values: torch.Tensor) -> torch.Tensor:
@@ -80,17 +99,16 @@ class CrossRankPool(TokenPool):
             rows = slice(self.position * scores.shape[0], (self.position + 1) * scores.shape[0])
             return LocalPool("micro_batch").topk_mask(pooled, k, tokens_per_sample)[rows]
         keys = order_keys(scores).masked_fill(scores.detach() == float("-inf"), -1)  # -1: not a candidate
-        threshold, wanted, ties_total = self._radix_select(keys, k)
-        above = keys > threshold
-        tie = keys == threshold
-        # Ties at the threshold go to the lowest pool indices: earlier ranks first, then local order.
-        take = wanted  # places left for ties; all ties fit unless some tie straddles the threshold
-        if bool(((ties_total > wanted) & (wanted > 0)).any()):
-            counts = self._all_gather(tie.sum(0, dtype=torch.int32))  # [n, E] per-rank tie counts
-            before = counts[: self.position].sum(0)
-            take = (wanted - before).clamp(min=0)
-        tie_rank = tie.cumsum(0) - 1  # order of each tie among this rank's ties, by local index
-        return (above | (tie & (tie_rank < take))) & (wanted > 0)
+        found = self._select(keys, k)
+        above = keys > found.hi
+        inside = (keys >= found.lo) & (keys <= found.hi) & (keys >= 0)
+        take = found.need  # every candidate inside is taken, unless a tie straddles the threshold
+        if bool(((found.inside > found.need) & (found.need > 0)).any()):
+            # Only a one-key interval is left: its copies go to the lowest pool indices, earlier ranks first.
+            counts = self._all_gather(inside.sum(0, dtype=torch.int32))  # [n, E] per-rank tie counts
+            take = (found.need - counts[: self.position].sum(0)).clamp(min=0)
+        order_inside = inside.cumsum(0) - 1  # local index order among this rank's candidates inside
+        return (above | (inside & (order_inside < take))) & (found.need > 0)
 
     def kth_largest(self, values: torch.Tensor, k: int, tokens_per_sample: int) -> torch.Tensor:
         k = max(1, min(k, self.pool_tokens(values.shape[0], tokens_per_sample)))
@@ -98,36 +116,76 @@ class CrossRankPool(TokenPool):
             pooled = self._gather(values)
             kth = torch.topk(pooled, k, dim=0).values[k - 1]
         else:
-            kth = keys_to_float(self._radix_select(order_keys(values), k)[0]).to(values.dtype)
+            keys = order_keys(values)
+            found = self._select(keys, k)
+            kth_key = found.lo
+            if bool((found.lo < found.hi).any()):  # the interval's keys are all in the top k: take its smallest
+                inside = (keys >= found.lo) & (keys <= found.hi)
+                smallest = torch.where(inside, keys, torch.full_like(keys, _NO_KEY)).amin(0)
+                kth_key = torch.where(found.lo < found.hi, -self._all_reduce(-smallest, dist.ReduceOp.MAX), found.lo)
+            kth = keys_to_float(kth_key).to(values.dtype)
         return self._average_over_pools(kth)
 
-    def _radix_select(self, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per expert over the pool: (threshold key = k-th largest candidate key, how many keys equal to
-        it are in the top k, how many keys equal it in the pool). k is clamped to the candidates."""
+    def _select(self, keys: torch.Tensor, k: int) -> _Found:
+        """Locate each expert's k-th largest candidate key (keys >= 0) of the pool; k is clamped to
+        the number of candidates. Collective: every rank of the group calls it with the same k."""
         num_tokens, num_experts = keys.shape
         candidate = keys >= 0
-        bins = torch.arange(num_experts, device=keys.device) * _BINS
-        prefix = torch.zeros(num_experts, dtype=torch.int64, device=keys.device)
-        wanted = torch.zeros_like(prefix)
-        for shift in range(32 - DIGIT_BITS, -1, -DIGIT_BITS):
-            high = shift + DIGIT_BITS
-            match = candidate & ((keys >> high) == (prefix >> high))
-            digit = (keys >> shift) & (_BINS - 1)
-            hist = torch.bincount((bins + digit)[match], minlength=num_experts * _BINS).to(torch.int32)
-            if shift == 32 - DIGIT_BITS:  # first round: also check that every rank has the same T
+        count = candidate.sum(0)
+        # Bracket. With q = ceil(k / n), at most n (q - 1) < k candidates exceed every rank's q-th
+        # largest key and at least n q >= k reach the smallest of them. A rank with fewer than q
+        # candidates bounds from above with its smallest one and leaves the lower end open (-1).
+        q = -(-k // self.size)
+        qth = keys.topk(min(q, num_tokens), dim=0).values[-1]
+        smallest = torch.where(candidate, keys, torch.full_like(keys, _NO_KEY)).amin(0)
+        full = count >= q
+        hi = torch.where(full, qth, torch.where(count > 0, smallest, -1))
+        lo = torch.where(full, qth, -1)
+        bounds = self._all_reduce(torch.cat([hi, -lo]), dist.ReduceOp.MAX)
+        hi, lo = bounds[:num_experts], -bounds[num_experts:]
+
+        # Refine: histogram the candidates of [lo, hi] into BINS equal key ranges (+ one bin for those
+        # above hi), all-reduce, keep the range holding the wanted key. Stop once every candidate of
+        # the range is wanted or the range is one key wide.
+        slot_base = torch.arange(num_experts, device=keys.device) * (BINS + 1)
+        active = torch.ones(num_experts, dtype=torch.bool, device=keys.device)
+        need = torch.zeros_like(hi)
+        inside = torch.zeros_like(hi)
+        wanted = None
+        for step in range(MAX_ROUNDS):
+            width = (hi - lo) // BINS + 1
+            in_range = candidate & (keys >= lo) & (keys <= hi) & active
+            over = candidate & (keys > hi) & active
+            slot = slot_base + torch.where(over, BINS, ((keys - lo) // width).clamp(0, BINS - 1))
+            hist = torch.bincount(slot[in_range | over], minlength=num_experts * (BINS + 1)).to(torch.int32)
+            if step == 0:  # also check that every rank has the same number of tokens
                 hist = self._all_reduce(torch.cat([hist, hist.new_tensor([num_tokens])]))
                 self._check_token_count(int(hist[-1]), num_tokens)
-                hist = hist[:-1].view(num_experts, _BINS).long()
-                wanted = hist.sum(1).clamp(max=k)
+                hist = hist[:-1]
             else:
-                hist = self._all_reduce(hist).view(num_experts, _BINS).long()
-            above = hist.flip(1).cumsum(1).flip(1) - hist  # candidates in higher bins
-            hit = (above < wanted[:, None]) & (wanted[:, None] <= above + hist)  # bin holding the wanted-th key
-            digit_of_kth = hit.int().argmax(1)
-            wanted = torch.where(wanted > 0, wanted - above.gather(1, digit_of_kth[:, None]).squeeze(1), wanted)
-            prefix = prefix | (digit_of_kth << shift)
-            ties_total = hist.gather(1, digit_of_kth[:, None]).squeeze(1)
-        return prefix, wanted, ties_total
+                hist = self._all_reduce(hist)
+            hist = hist.view(num_experts, BINS + 1).long()
+            above, hist = hist[:, BINS], hist[:, :BINS]
+            if wanted is None:  # the range [lo, hi] holds every candidate, or at least k of them
+                wanted = torch.minimum(above + hist.sum(1), torch.full_like(above, k))
+            higher = above[:, None] + hist.flip(1).cumsum(1).flip(1) - hist  # candidates above each bin
+            hit = (higher < wanted[:, None]) & (wanted[:, None] <= higher + hist)
+            b = hit.int().argmax(1, keepdim=True)
+            new_lo = lo + b.squeeze(1) * width
+            update = active & (wanted > 0)
+            lo, hi = torch.where(update, new_lo, lo), torch.where(update, torch.minimum(new_lo + width - 1, hi), hi)
+            need = torch.where(update, wanted - higher.gather(1, b).squeeze(1), need)
+            inside = torch.where(update, hist.gather(1, b).squeeze(1), inside)
+            active = update & (need != inside) & (lo != hi)
+            if not bool(active.any()):
+                break
+        return _Found(lo, hi, need, inside)
+
+    def pool_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of a per-rank statistic (e.g. an expert load count) over the ranks of this pool, so
+        pool-level statistics such as the token-choice balance loss's load shares match one process
+        holding the whole pool. Not differentiable."""
+        return self._all_reduce(t.detach().clone())
 
     def _check_token_count(self, total: int, num_tokens: int) -> None:
         if total != num_tokens * self.size:
@@ -136,8 +194,8 @@ class CrossRankPool(TokenPool):
 
     # --- collectives (counted) -----------------------------------------------------------
 
-    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        dist.all_reduce(t, group=self.group)
+    def _all_reduce(self, t: torch.Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
+        dist.all_reduce(t, op=op, group=self.group)
         self.counter.add("metadata_bytes", all_reduce_bytes(t, self.size))
         return t
 

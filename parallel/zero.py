@@ -81,8 +81,21 @@ def init_distributed(cfg: Config) -> DistContext:
     import deepspeed
 
     _quiet_deepspeed(rank)
+    if device.type == "cpu":
+        _skip_cpu_inference_all_reduce()
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return DistContext(rank, world_size, local_rank, local_world_size, device, backend)
+
+
+def _skip_cpu_inference_all_reduce() -> None:
+    """On CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce when the process
+    group starts; only `inference_all_reduce` (tensor-parallel inference) uses it. Loading it costs
+    seconds to minutes per process (a compile check serialised across processes by a file lock),
+    so training skips it: its collectives are torch.distributed's (gloo) either way."""
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 def _quiet_deepspeed(rank: int) -> None:

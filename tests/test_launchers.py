@@ -6,7 +6,6 @@ them, like the real one; the fake trainer records its environment and plays the 
 """
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import signal
@@ -229,3 +228,15 @@ def test_local_dry_run(fake, gpus, nproc_env, expected):
         fake["env"]["PYTHON"], "-m", "torch.distributed.run", "--standalone", "--nnodes=1",
         f"--nproc-per-node={expected}", "--shutdown-timeout=600", "engine/train.py",
         "--config", "configs/quickstart.yaml", "train.resume=auto", "model.depth=2"]
+
+
+def test_repository_virtualenv_is_the_default_interpreter(fake):
+    venv_python = fake["repo"] / ".venv" / "bin" / "python"
+    venv_python.parent.mkdir(parents=True)
+    _write_exe(venv_python, "#!/usr/bin/env bash\n")
+    env = {k: v for k, v in fake["env"].items() if k != "PYTHON"}
+    for script in ["slurm_8node.sh", "local.sh"]:
+        result = subprocess.run(["bash", f"launchers/{script}", "configs/mine.yaml"], cwd=fake["repo"],
+                                env={**env, "DRY_RUN": "1"}, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert str(venv_python) in shlex.split(result.stdout.splitlines()[-1])

@@ -24,7 +24,7 @@ QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
 TINY = [
     "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "model.moe.routing=dense",
     "train.global_batch_size=8", "train.micro_batch_size=0", "train.max_steps=3", "train.log_every=1",
-    "train.save_every=0", "train.sample_every=0", "train.progress=false", "train.resume=",
+    "train.save_every=0", "train.sample_every=0", "train.progress=false", "train.resume=", "train.warmup_steps=0",
     "eval.num_samples=0", "eval.sample_steps=2", "data.num_workers=0",
 ]
 

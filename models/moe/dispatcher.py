@@ -7,6 +7,8 @@
 
 `LocalDispatcher` is the single-process one (all experts local). `parallel.dispatch` provides the
 all-to-all dispatcher with the same interface; `models/` never imports torch.distributed.
+A dispatcher's `expert_offset` is the global id of the first expert it holds (`Routed.counts[i]`
+belongs to global expert `expert_offset + i`); an MoE layer never assumes all experts are local.
 """
 from __future__ import annotations
 
@@ -61,7 +63,8 @@ class LocalDispatcher:
     def dispatch(self, plan: RoutingPlan, x: torch.Tensor, *extras: torch.Tensor) -> Routed:
         counts = plan.counts().tolist()
         rows = plan.token_index
-        return Routed(x[rows], counts, [e[rows] for e in extras], state=plan)
+        # index_select: its backward is an index_add, cheaper than advanced indexing's index_put
+        return Routed(x.index_select(0, rows), counts, [e.index_select(0, rows) for e in extras], state=plan)
 
     def combine(self, expert_out: torch.Tensor, routed: Routed) -> torch.Tensor:
         plan: RoutingPlan = routed.state

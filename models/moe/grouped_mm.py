@@ -71,6 +71,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Ten
         return x.new_zeros(0, w.shape[2]) + 0 * w.sum()  # keeps w in the graph (zero gradient)
     if min(counts) == max(counts):
         return torch.bmm(x.view(num, counts[0], -1), w).view(x.shape[0], -1)
+    if torch.is_autocast_enabled(x.device.type):  # a custom function is not autocast by itself
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
     aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])  # the kernel's stride rule
     if aligned and x.dtype == w.dtype and _grouped_mm_supported(x.device, x.dtype):
         offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x.device)

@@ -148,7 +148,8 @@ class MoELayer(nn.Module):
             else:
                 selected = chosen
             if self.training and self.aux_loss_weight > 0:
-                aux = aux + self.aux_loss_weight * load_balance_loss(self.router.probabilities(affinity), chosen)
+                counts = self.pool.pool_sum(chosen.sum(0).to(affinity.dtype))
+                aux = aux + self.aux_loss_weight * load_balance_loss(self.router.probabilities(affinity), counts)
             if self.router.kind == "sigmoid_bias" and record:
                 self.router.load.add_(chosen.sum(0).to(self.router.load.dtype))
             stats["chosen"] = chosen
@@ -176,6 +177,7 @@ class MoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
+        dtype = x.dtype
         record = self.training and not _recomputing()
         if self.spatial is not None:
             x = self.spatial(x)
@@ -207,7 +209,7 @@ class MoELayer(nn.Module):
             self.meter_tokens += b * n
             self._stats_inputs = (affinity.detach(), selected, None if t is None else t.detach(), n, self.capacity, stats)
             self._stats_cache = None
-        return out.reshape(b, n, d).to(x.dtype)
+        return out.reshape(b, n, d).to(dtype)
 
     @property
     def stats(self) -> dict[str, torch.Tensor]:

@@ -5,16 +5,16 @@ import torch
 import torch.nn.functional as F
 
 
-def load_balance_loss(probs: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+def load_balance_loss(probs: torch.Tensor, choice_counts: torch.Tensor) -> torch.Tensor:
     """Switch / DeepSeek balance loss E * sum_e f_e * P_e.
 
-    probs [T, E]: per-token router distribution; chosen [T, E] bool: the token's top-k choices
-    (before any capacity drop). f_e = share of all choices that went to e, P_e = mean probability
-    of e. Equals 1 when routing is uniform, grows as load and probability concentrate.
+    probs [T, E]: per-token router distribution; choice_counts [E]: how many top-k choices (before
+    any capacity drop) went to each expert, over the whole pool. f_e = its share of all choices,
+    P_e = mean probability of e. Equals 1 when routing is uniform, grows as load and probability
+    concentrate on the same experts.
     """
-    num_experts = probs.shape[1]
-    f = chosen.float().sum(0) / chosen.sum().clamp_min(1)
-    return num_experts * (f * probs.mean(0)).sum()
+    f = choice_counts.to(probs.dtype) / choice_counts.sum().clamp_min(1)
+    return probs.shape[1] * (f * probs.mean(0)).sum()
 
 
 def predictor_loss(logits: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:

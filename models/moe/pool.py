@@ -33,6 +33,13 @@ class TokenPool(ABC):
         """[T, E] -> [E]: each expert's k-th largest value within its pool, averaged over all pools
         of the job (so every rank gets the same vector)."""
 
+    def pool_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """A per-rank statistic (e.g. [E] choice counts) summed over the ranks whose tokens share this
+        rank's pool; not differentiable. Pools whose tokens are all on this rank return it as is;
+        cross-rank pools override this with a sum over their group (token choice's balance loss
+        then uses the pool's expert loads, as one process holding the whole pool would)."""
+        return values
+
 
 def _ranked_topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """[G, n, E] -> [G, n, E] bool: top-k along dim 1, ties to the lower index, -inf excluded."""
