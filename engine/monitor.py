@@ -143,6 +143,13 @@ class Monitor:
             self.bar.set_postfix(loss=f"{num('loss'):.4f}", refresh=False)
         self.print("  ".join(parts))
 
+    def last_value(self, key: str) -> float | None:
+        """The newest value of `key` in metrics.jsonl (rank 0; None elsewhere or if never logged)."""
+        if not self.enabled or not self.metrics_path.exists():
+            return None
+        values = [r[key] for r in map(json.loads, self.metrics_path.read_text().splitlines()) if key in r]
+        return values[-1] if values else None
+
     def close(self) -> None:
         if self.enabled:
             if self.bar is not None:

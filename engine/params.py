@@ -28,26 +28,22 @@ _MOE_PARTS = [("experts", "experts."), ("router", "router."), ("predictor", "pre
               ("shared experts", "shared."), ("recalibration", "recalibration."), ("spatial conv", "spatial.")]
 
 
-def _component(name: str, module_of_ffn: dict[str, nn.Module]) -> str:
-    if name.startswith(("x_embedder.", "t_embedder.", "y_embedder.", "pos_embed")):
-        return "embedding"
-    if name.startswith("final_layer."):
-        return "final layer"
+_TOP = {"x_embedder": "embedding", "t_embedder": "embedding", "y_embedder": "embedding", "pos_embed": "embedding",
+        "text_embedder": "text projection", "final_layer": "final layer"}
+_BLOCK = {"attn": "attention", "cross_attn": "cross-attention", "adaLN_modulation": "adaLN modulation"}
+
+
+def _component(name: str, ffn_of_block: dict[str, nn.Module]) -> str:
     parts = name.split(".")
-    if parts[0] == "blocks":
-        sub = ".".join(parts[2:])
-        if sub.startswith("attn."):
-            return "attention"
-        if sub.startswith("adaLN_modulation."):
-            return "adaLN modulation"
-        if sub.startswith("ffn."):
-            if not isinstance(module_of_ffn[parts[1]], MoELayer):
-                return "dense FFN"
-            inner = sub[len("ffn."):]
-            for label, prefix in _MOE_PARTS:
-                if inner.startswith(prefix):
-                    return label
-    return "other"
+    if parts[0] != "blocks":
+        return _TOP.get(parts[0], parts[0])
+    sub = parts[2]
+    if sub != "ffn":
+        return _BLOCK.get(sub, sub)
+    if not isinstance(ffn_of_block[parts[1]], MoELayer):
+        return "dense FFN"
+    inner = ".".join(parts[3:])
+    return next((label for label, prefix in _MOE_PARTS if inner.startswith(prefix)), parts[3])
 
 
 def count_params(cfg: Config) -> tuple[dict[str, int], int, float]:

@@ -10,6 +10,10 @@ is the same whatever the number of ranks. The output folder holds `images/NNNNNN
 `grid.png`, `samples_NxHxWxC.npz` (uint8 NHWC `arr_0`, labels `arr_1`; the input of
 engine/evaluate.py and of ADM's evaluator), `settings.json` and `summary.json`. Re-running the
 same command after an interruption keeps the finished batches. The last stdout line is JSON.
+
+Text-conditioned models sample from `--prompts FILE` (one prompt per line, docs/t2i.md): sample i
+gets prompt i mod P, `grid.png` has one column per prompt, the `.npz` labels are prompt numbers,
+and with --run the grid is also added to the run's TensorBoard (`samples/prompts`).
 """
 from __future__ import annotations
 
@@ -37,6 +41,8 @@ from engine.npz_io import NpzWriter
 from engine.params import count_params
 from engine.rng import sample_seed
 from engine.sampling import generate, save_grid
+from engine.text_conditioning import (SAMPLES_PER_PROMPT, TextConditioner, build_text_conditioner, log_prompt_grid,
+                                      prompts_for, prompts_of)
 from models import DiT, moe
 from models.diffusion import Objective, build_diffusion
 from parallel.checkpoint import CheckpointError
@@ -57,6 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--step", type=int, help="checkpoint step of --run (default: the latest)")
     p.add_argument("--num-samples", type=int, help="images to generate (default: eval.num_samples of the config)")
     p.add_argument("--classes", help="comma-separated class ids cycled over the samples (default: all classes)")
+    p.add_argument("--prompts", type=Path, help="text-conditioned models: a file of prompts, one per line, cycled over "
+                                                "the samples (grid: one column per prompt; default 8 samples each)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default: diffusion.cfg_scale)")
     p.add_argument("--sampler", help="euler/heun (flow) or ddpm/ddim (DDPM) (default: diffusion.sampler)")
     p.add_argument("--steps", type=int, help="sampling steps (default: diffusion.sample_steps)")
@@ -136,9 +144,7 @@ class Decoder:
     @torch.no_grad()
     def __call__(self, samples: torch.Tensor) -> np.ndarray:
         if self.vae is not None:
-            meta = self.vae.meta
-            z = samples.to(self.vae.device, torch.float32) / meta["scaling_factor"] + meta["shift_factor"]
-            samples = self.vae.vae.decode(z).sample
+            samples = self.vae.decode(samples)
         pixels = ((samples.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
@@ -244,10 +250,13 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
 
 def sample(args: argparse.Namespace) -> dict:
     cfg, model = load_model_for_inference(run=args.run, weights=args.weights, step=args.step)
-    if cfg.model.text.encoder != "none":
-        raise SampleError(f"{cfg.name} is text-conditioned (model.text.encoder={cfg.model.text.encoder}): "
-                          "class-label sampling does not apply")
+    try:
+        prompts = prompts_for(cfg, args.prompts)  # None for class-conditional models
+    except ValueError as e:
+        raise SampleError(str(e)) from None
     settings = resolve_settings(args, cfg, model)
+    if prompts is not None:
+        settings.update(prompts=prompts, num_samples=args.num_samples or SAMPLES_PER_PROMPT * len(prompts))
     classes = parse_classes(args.classes, cfg.model.num_classes)
     if settings["inference"] != "dense":
         try:
@@ -261,6 +270,7 @@ def sample(args: argparse.Namespace) -> dict:
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     model.to(ctx.device, dtype).eval()
     objective, decode = build_diffusion(cfg), Decoder(cfg, ctx.device)
+    text = build_text_conditioner(cfg, ctx.device) if prompts is not None else None
     if ctx.is_main:
         (out / "images").mkdir(parents=True, exist_ok=True)
         (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
@@ -269,7 +279,7 @@ def sample(args: argparse.Namespace) -> dict:
               f"inference {settings['inference']}, batch {args.batch_size} x {ctx.world_size} rank(s) -> {out}", flush=True)
     dist.barrier()
     start = time.time()
-    made = generate_share(model, objective, decode, settings, classes, out, ctx, progress=not args.no_progress)
+    made = generate_share(model, objective, decode, settings, classes, out, ctx, progress=not args.no_progress, text=text)
     # Per-rank averages weighted by images: each image contributes the same tokens per forward.
     weighted, images_made = all_sum([moe.average_activated_params(model) * made, made], ctx.device)
     dist.barrier()
@@ -277,7 +287,9 @@ def sample(args: argparse.Namespace) -> dict:
               "avg_activated_params": weighted / images_made if images_made else None,
               "nominal_activated_params": count_params(cfg)[2], **settings}
     if ctx.is_main:
-        result.update(assemble(out, settings["num_samples"], classes, progress=not args.no_progress))
+        result.update(assemble(out, settings["num_samples"], classes, progress=not args.no_progress, prompts=prompts))
+        if prompts is not None and args.run is not None:
+            result["tensorboard_step"] = log_prompt_grid(args.run, args.step, Path(result["grid"]), prompts)
         (out / "summary.json").write_text(json.dumps(result, indent=2) + "\n")
         if result["avg_activated_params"] is not None:
             print(f"average activated params per image: {result['avg_activated_params'] / 1e6:.2f}M "
@@ -287,8 +299,9 @@ def sample(args: argparse.Namespace) -> dict:
 
 
 def generate_share(model: DiT, objective: Objective, decode: Decoder, settings: dict, classes: list[int], out: Path,
-                   ctx: DistContext, progress: bool) -> int:
-    """Generate this rank's unfinished batches as PNGs; returns the number of images made."""
+                   ctx: DistContext, progress: bool, text: TextConditioner | None = None) -> int:
+    """Generate this rank's unfinished batches as PNGs (text-conditioned models: from the prompts of
+    `settings`, encoded by `text`); returns the number of images made."""
     batches = rank_batches(settings["num_samples"], settings["batch_size"], ctx.rank, ctx.world_size)
     todo = [b for b in batches if not all((out / "images" / f"{i:06d}.png").is_file() for i in b)]
     if ctx.is_main and len(todo) < len(batches):
@@ -298,19 +311,22 @@ def generate_share(model: DiT, objective: Objective, decode: Decoder, settings: 
     with tqdm(total=made, desc="sample", unit="img", disable=not (ctx.is_main and progress),
               dynamic_ncols=True) as bar:
         for indices in todo:
+            condition = text.sampling_kwargs(prompts_of(settings["prompts"], indices)) if text is not None else {}
             latents = generate(model, objective, labels_of(indices, classes), seeds_of(indices, settings["seed"]),
-                               settings["cfg_scale"], settings["steps"], settings["sampler"])
+                               settings["cfg_scale"], settings["steps"], settings["sampler"], **condition)
             for i, image in zip(indices, decode(latents)):
                 write_png(out / "images" / f"{i:06d}.png", image)
             bar.update(len(indices))
     return made
 
 
-def assemble(out: Path, num_samples: int, classes: list[int], progress: bool) -> dict:
-    """Rank 0, after every rank finished: the `.npz` and the grid, from the PNGs."""
-    npz = write_npz(out, num_samples, labels_of(range(num_samples), classes), progress)
+def assemble(out: Path, num_samples: int, classes: list[int], progress: bool, prompts: list[str] | None = None) -> dict:
+    """Rank 0, after every rank finished: the `.npz` (labels: class, or prompt number) and the grid, from the PNGs."""
+    labels = labels_of(range(num_samples), classes) if prompts is None else torch.arange(num_samples) % len(prompts)
+    npz = write_npz(out, num_samples, labels, progress)
     first = [torch.from_numpy(read_png(out / "images" / f"{i:06d}.png")) for i in range(min(num_samples, GRID_IMAGES))]
-    save_grid(torch.stack(first).permute(0, 3, 1, 2).float() / 127.5 - 1, out / "grid.png")
+    nrow = None if prompts is None else min(len(prompts), GRID_IMAGES)  # one column per prompt
+    save_grid(torch.stack(first).permute(0, 3, 1, 2).float() / 127.5 - 1, out / "grid.png", nrow)
     return {"npz": str(npz), "grid": str(out / "grid.png")}
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from engine.config import ConfigError
@@ -106,3 +107,42 @@ def read_prompts(path: str | Path) -> list[str]:
     if not prompts:
         raise ValueError(f"--prompts: {path} holds no prompt (one per line)")
     return prompts
+
+
+def prompts_for(cfg: Config, path: str | Path | None) -> list[str] | None:
+    """The prompts of `engine/sample.py --prompts FILE`: required by text-conditioned models,
+    refused by class-conditional ones (ValueError naming the option)."""
+    if cfg.model.text.encoder == "none":
+        if path is not None:
+            raise ValueError(f"--prompts: {cfg.name} is class-conditional (model.text.encoder=none); use --classes")
+        return None
+    if path is None:
+        raise ValueError(f"--prompts FILE: {cfg.name} is text-conditioned (model.text.encoder={cfg.model.text.encoder})")
+    return read_prompts(path)
+
+
+SAMPLES_PER_PROMPT = 8  # engine/sample.py --prompts without --num-samples: a grid of 8 rows
+
+
+def prompts_of(prompts: list[str], indices: range) -> list[str]:
+    """Sample i gets prompt i mod P (so a grid with P columns has one prompt per column)."""
+    return [prompts[i % len(prompts)] for i in indices]
+
+
+def log_prompt_grid(run_dir: Path, step: int | None, grid_png: Path, prompts: list[str]) -> int:
+    """Add a prompt grid PNG and its prompts to the run's TensorBoard (`tb/`) as `samples/prompts`,
+    at the step of the sampled checkpoint (the newest when `step` is None); returns that step."""
+    from PIL import Image
+    from torch.utils.tensorboard import SummaryWriter
+
+    from parallel.checkpoint import checkpoint_dir, read_manifest
+
+    step = int(read_manifest(checkpoint_dir(run_dir, step))["step"])
+    grid = np.asarray(Image.open(grid_png).convert("RGB"))
+    writer = SummaryWriter(str(Path(run_dir) / "tb"))
+    try:
+        writer.add_image("samples/prompts", grid, step, dataformats="HWC")
+        writer.add_text("samples/prompts", "\n\n".join(f"column {i}: {p}" for i, p in enumerate(prompts)), step)
+    finally:
+        writer.close()
+    return step

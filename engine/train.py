@@ -32,7 +32,7 @@ from models.diffusion import build_diffusion
 from parallel.checkpoint import CheckpointError, load_checkpoint, resolve_resume
 from parallel.expert_parallel import all_reduce_sum, attach_expert_parallel, optimizer_param_groups
 from parallel.groups import create_groups
-from parallel.zero import batch_layout, init_distributed, initialize_engine
+from parallel.zero import batch_layout, check_zero_stage, init_distributed, initialize_engine
 
 
 class NonFiniteStop(RuntimeError):
@@ -50,13 +50,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def train(cfg: Config) -> None:
     dist = init_distributed(cfg)
     setup_logging(dist.rank)
+    check_zero_stage(cfg.parallel.zero_stage)
+    mb, accum = batch_layout(cfg, dist.world_size)
+    run = prepare_run_dir(cfg, dist.is_main)
     text = build_text_conditioner(cfg, dist.device)  # frozen caption encoder; None when class-conditional
     torch.manual_seed(cfg.train.seed)  # identical on all ranks: dense weights start equal everywhere
-    run = prepare_run_dir(cfg, dist.is_main)
     groups = create_groups(cfg.parallel.ep_size)
     model = build_model(cfg, groups.ep_rank, groups.ep_size)
     attach_expert_parallel(model, cfg, groups)
-    mb, accum = batch_layout(cfg, dist.world_size)
     engine = initialize_engine(model, optimizer_param_groups(model, cfg), cfg, mb, accum, dist)
     model, ema, objective = engine.module, EMA(engine.module), build_diffusion(cfg)
     resume_from = resolve_resume(cfg)
@@ -70,6 +71,8 @@ def train(cfg: Config) -> None:
                           dist.world_size)
     preemption = PreemptionHandler()
     moe.set_step(model, start)
+    if start >= cfg.train.max_steps:
+        events.report_finished(start)
     nonfinite_in_a_row = 0
     for step, micro_batches in zip(range(start + 1, cfg.train.max_steps + 1), loader):
         applied = train_step(engine, objective, micro_batches, cfg, meter, text)

@@ -130,5 +130,12 @@ class TrainEvents:
         state = {"step": step, "data": self.loader.state_dict()}
         self.last_checkpoint = save_checkpoint(checkpoint_root(self.cfg), step, self.engine, self.ema, state, self.cfg)
 
+    def report_finished(self, step: int) -> None:
+        """A resumed run with nothing left to do says so (and what its last evaluation gave)."""
+        last = self.monitor.last_value("eval/class_acc")
+        result = f"; last eval/class_acc {last:.3f}" if last is not None else ""
+        self.monitor.print(f"{self.cfg.run_dir} is already trained to step {step} (train.max_steps="
+                           f"{self.cfg.train.max_steps}){result}; raise train.max_steps to continue")
+
     def close(self) -> None:
         self.monitor.close()

@@ -123,6 +123,10 @@ def _agree(error: str | None, what: str) -> None:
     """Collective: raise on every rank if any rank failed, so no rank waits alone in a later collective."""
     errors: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
+    _raise_if_any(errors, what)
+
+
+def _raise_if_any(errors: list[str | None], what: str) -> None:
     failed = [(r, e) for r, e in enumerate(errors) if e is not None]
     if failed:
         first = failed[0][1]
@@ -142,28 +146,20 @@ def save_checkpoint(ckpt_root: Path, step: int, engine: Any, ema: EMALike | None
     ckpt_root = Path(ckpt_root)
     final = ckpt_root / step_dir_name(step)
     tmp = temp_dir_for(final)
+    what = f"saving checkpoint {final}"
     started = time.monotonic()
-    model = engine.module
-    tensors = _model_tensors(model)
+    tensors = _model_tensors(engine.module)
     zero = ZeroOptimizerState(engine)
     layout = _layout(cfg, tensors)
-
-    error = None
-    if layout.rank == 0:
-        try:
-            ckpt_root.mkdir(parents=True, exist_ok=True)
-            remove_leftovers(ckpt_root)
-            tmp.mkdir()
-        except OSError as e:
-            error = f"cannot create {tmp}: {e}"
-    _agree(error, f"saving checkpoint {final}")
+    _agree(_make_temp_dir(ckpt_root, tmp) if layout.rank == 0 else None, what)
 
     # Gathering is collective (each optimizer parameter over its data-parallel group); writing is not.
-    dense, experts, table, state_keys = _collect(model, tensors, zero, ema, layout)
-    scalars = zero.scalar_state()
+    dense, experts, table, state_keys = _collect(tensors, zero, ema, layout)
+    manifest = _manifest(step, cfg, engine, layout, table, state_keys, zero.scalar_state(), train_state)
     files: dict[str, dict[str, Any]] = {}
     error = None
     try:
+        json.dumps(train_state)  # the manifest is JSON on purpose (readable, portable): check on every rank
         if layout.rank == 0:
             files[DENSE_FILE] = _write_tensors(tmp / DENSE_FILE, dense, None)
         if experts and layout.first_of_expert_dp:
@@ -171,37 +167,47 @@ def save_checkpoint(ckpt_root: Path, step: int, engine: Any, ema: EMALike | None
             files[_expert_file(ids[0], ids[-1])] = _write_tensors(tmp / _expert_file(ids[0], ids[-1]), experts, ids)
         rng_name = _rng_file(layout.rank)
         files[rng_name] = _record(write_durable(tmp / rng_name, _rng_bytes()), tmp / rng_name, None)
-        manifest_text = _manifest_text(step, cfg, engine, layout, table, state_keys, scalars, train_state)
-    except (OSError, CheckpointError, TypeError, ValueError) as e:
+    except TypeError as e:
+        error = f"train_state must hold JSON values only ({e})"
+    except (OSError, ValueError) as e:
         error = str(e)
     everyone: list[Any] = [None] * layout.world_size
     dist.all_gather_object(everyone, (error, files))
-    failed = [(r, e) for r, (e, _) in enumerate(everyone) if e is not None]
-    error = None
-    if not failed and layout.rank == 0:
-        try:
-            all_files = {name: rec for _, rank_files in everyone for name, rec in rank_files.items()}
-            manifest = json.loads(manifest_text)
-            manifest["files"] = dict(sorted(all_files.items()))
-            write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
-            fsync_dir(tmp / "rng")
-            publish_dir(tmp, final)
-            write_pointer(ckpt_root, final.name)
-            _prune(ckpt_root, cfg.train.keep_checkpoints, keep=final.name)
-        except OSError as e:
-            error = f"cannot publish {final}: {e}"
-    if failed:
-        raise CheckpointError(f"saving checkpoint {final} failed on rank {failed[0][0]}: {failed[0][1]} "
-                              f"(the previous checkpoint and `latest` are untouched)")
-    _agree(error, f"saving checkpoint {final}")
+    _raise_if_any([e for e, _ in everyone], what)  # on every rank; the previous checkpoint is untouched
+    all_files = {name: rec for _, rank_files in everyone for name, rec in rank_files.items()}
+    manifest["files"] = dict(sorted(all_files.items()))
+    _agree(_publish(tmp, final, manifest, cfg.train.keep_checkpoints) if layout.rank == 0 else None, what)
     if layout.rank == 0:
-        size = sum(rec["bytes"] for _, rank_files in everyone for rec in rank_files.values())
+        size = sum(rec["bytes"] for rec in all_files.values())
         log.info("saved checkpoint %s (%.1f MB, %.1f s)", final, size / 2**20, time.monotonic() - started)
     return final
 
 
-def _collect(model: torch.nn.Module, tensors: dict[str, torch.Tensor], zero: ZeroOptimizerState,
-             ema: EMALike | None, layout: _Layout
+def _make_temp_dir(ckpt_root: Path, tmp: Path) -> str | None:
+    """Rank 0: a fresh temporary folder (debris of interrupted saves removed); an error message or None."""
+    try:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(ckpt_root)
+        tmp.mkdir()
+    except OSError as e:
+        return f"cannot create {tmp}: {e}"
+    return None
+
+
+def _publish(tmp: Path, final: Path, manifest: dict[str, Any], keep_last: int) -> str | None:
+    """Rank 0, once every file is on disk: manifest, rename into place, `latest`, pruning."""
+    try:
+        write_durable(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+        fsync_dir(tmp / "rng")
+        publish_dir(tmp, final)
+        write_pointer(final.parent, final.name)
+        _prune(final.parent, keep_last, keep=final.name)
+    except (OSError, TypeError, ValueError) as e:
+        return f"cannot publish {final}: {e}"
+    return None
+
+
+def _collect(tensors: dict[str, torch.Tensor], zero: ZeroOptimizerState, ema: EMALike | None, layout: _Layout
              ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, Any], list[str]]:
     """Whole tensors for the files this rank writes: (dense, experts, tensor table, optimizer state keys)."""
     state_keys = zero.tensor_keys()
@@ -270,10 +276,11 @@ def _engine_lr_scheduler(engine: Any) -> Any:
     return getattr(engine, "lr_scheduler", None)
 
 
-def _manifest_text(step: int, cfg: Config, engine: Any, layout: _Layout, table: dict[str, Any],
-                   state_keys: list[str], scalars: dict[str, Any], train_state: dict) -> str:
+def _manifest(step: int, cfg: Config, engine: Any, layout: _Layout, table: dict[str, Any],
+              state_keys: list[str], scalars: dict[str, Any], train_state: dict) -> dict[str, Any]:
+    """Everything but the file list, which is known once every rank has written."""
     scheduler = _engine_lr_scheduler(engine)
-    manifest = {
+    return {
         "format": FORMAT,
         "version": VERSION,
         "step": step,
@@ -293,10 +300,6 @@ def _manifest_text(step: int, cfg: Config, engine: Any, layout: _Layout, table: 
         "tensors": table,
         "config": dataclasses.asdict(cfg),
     }
-    try:
-        return json.dumps(manifest)
-    except TypeError as e:  # e.g. a tensor in train_state: the manifest is JSON on purpose (readable, portable)
-        raise CheckpointError(f"train_state must hold JSON values only ({e})") from None
 
 
 def _prune(root: Path, keep_last: int, keep: str) -> None:

@@ -44,11 +44,6 @@ class ExpertParallelGroups:
     expert_dp_ranks: tuple[int, ...]
     group_name: str  # DeepSpeed's name of both groups: expert params carry it as `group_name`
 
-    @property
-    def num_ep_groups(self) -> int:
-        """Number of EP groups (= number of `ep_group` token pools in the job)."""
-        return self.world_size // self.ep_size
-
 
 def _deepspeed_comm_ready() -> None:
     """DeepSpeed's comm layer wraps the default group (the trainer's init does this already)."""

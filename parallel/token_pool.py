@@ -98,6 +98,8 @@ class CrossRankPool(TokenPool):
             pooled = self._gather(scores)
             rows = slice(self.position * scores.shape[0], (self.position + 1) * scores.shape[0])
             return LocalPool("micro_batch").topk_mask(pooled, k, tokens_per_sample)[rows]
+        if k <= 0:  # every rank has the same k: nobody enters a collective
+            return torch.zeros_like(scores, dtype=torch.bool)
         keys = order_keys(scores).masked_fill(scores.detach() == float("-inf"), -1)  # -1: not a candidate
         found = self._select(keys, k)
         above = keys > found.hi
@@ -181,11 +183,9 @@ class CrossRankPool(TokenPool):
                 break
         return _Found(lo, hi, need, inside)
 
-    def pool_sum(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum of a per-rank statistic (e.g. an expert load count) over the ranks of this pool, so
-        pool-level statistics such as the token-choice balance loss's load shares match one process
-        holding the whole pool. Not differentiable."""
-        return self._all_reduce(t.detach().clone())
+    def pool_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks of this pool (all-reduce on the pool group); not differentiable."""
+        return self._all_reduce(values.detach().clone())
 
     def _check_token_count(self, total: int, num_tokens: int) -> None:
         if total != num_tokens * self.size:

@@ -144,7 +144,7 @@ def deepspeed_config(cfg: Config, micro_batch_size: int, grad_accum: int, world_
     }
 
 
-def _check_zero_stage(stage: int) -> None:
+def check_zero_stage(stage: int) -> None:
     from engine.config import ConfigError
 
     if stage == 0:
@@ -174,7 +174,7 @@ def initialize_engine(model: torch.nn.Module, param_groups: list[dict], cfg: Con
     """A DeepSpeed engine over `model`: ZeRO stage from config, AdamW, bf16 when `use_bf16`."""
     import deepspeed
 
-    _check_zero_stage(cfg.parallel.zero_stage)
+    check_zero_stage(cfg.parallel.zero_stage)
     model.to(dist.device)
     optimizer = build_optimizer(param_groups, cfg, dist.device)
     ds_config = deepspeed_config(cfg, micro_batch_size, grad_accum, dist.world_size, use_bf16(cfg, dist.device))

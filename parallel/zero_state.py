@@ -28,20 +28,14 @@ from parallel.checkpoint_io import CheckpointError
 ScalarState = dict[str, tuple[str, float]]  # key -> ("tensor" | "int" | "float", value)
 
 
-# (model parameters per group, fp32 partition per group) attribute names of DeepSpeed's partitioned
-# optimizers: ZeRO-1/2, and the ZeRO-1 variant it picks for bf16 with fp32 gradient accumulation.
-_PARTITIONED = (("bit16_groups", "single_partition_of_fp32_groups"), ("bf16_groups", "fp32_groups_flat_partition"))
-
-
 class ZeroOptimizerState:
     def __init__(self, engine: Any):
         zero = engine.optimizer
-        found = [(getattr(zero, lp), getattr(zero, hp)) for lp, hp in _PARTITIONED
-                 if hasattr(zero, lp) and hasattr(zero, hp)]
-        if not found:
+        lp_groups = getattr(zero, "bit16_groups", None)
+        partitions = getattr(zero, "single_partition_of_fp32_groups", None)
+        if lp_groups is None or partitions is None:
             raise CheckpointError(f"checkpoints need a DeepSpeed ZeRO stage 1 or 2 optimizer (parallel.zero_stage), "
                                   f"the engine has {type(zero).__name__}")
-        lp_groups, partitions = found[0]
         self.base: torch.optim.Optimizer = zero.optimizer
         self._partition = {id(p): partitions[i] for i, group in enumerate(lp_groups) for p in group}
         self._partitions = list(partitions)
@@ -57,7 +51,8 @@ class ZeroOptimizerState:
             state = self.base.state.get(part, {})
             found = {k for k, v in state.items() if torch.is_tensor(v) and v.shape == part.shape}
             if keys is not None and found != keys:
-                raise CheckpointError(f"optimizer partitions hold different state keys: {sorted(keys)} vs {sorted(found)}")
+                raise CheckpointError(f"optimizer partitions hold different state keys: {sorted(keys)} vs "
+                                      f"{sorted(found)}")
             keys = found
         return sorted(keys or ())
 

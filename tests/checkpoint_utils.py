@@ -49,7 +49,8 @@ def train_step(engine, ema, step: int) -> float:
     t = torch.rand(mb, generator=g)
     y = torch.randint(0, 5, (mb,), generator=g)
     target = torch.randn(mb, 3, 8, 8, generator=g)
-    loss = (engine(x, t, y) - target).pow(2).mean() + moe.collect_aux_loss(engine.module)
+    dtype = next(engine.module.parameters()).dtype  # bf16 when train.precision=bf16
+    loss = (engine(x.to(dtype), t, y).float() - target).pow(2).mean() + moe.collect_aux_loss(engine.module)
     engine.backward(loss)
     engine.step()
     ema.update(engine.module, 0.9)
@@ -100,7 +101,8 @@ def save_then_die(run_dir: str, point: str) -> None:
     cfg, engine, ema = build_engine([f"train.output_dir={run_dir}"])
     train_step(engine, ema, 1)
     ckpt.save_checkpoint(root, 1, engine, ema, {"step": 1}, cfg)
-    torch.save({k: v.detach().clone() for k, v in engine.module.state_dict().items()}, Path(run_dir) / "expected_step1.pt")
+    step1 = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    torch.save(step1, Path(run_dir) / "expected_step1.pt")
     train_step(engine, ema, 2)
 
     def die(*args, **kwargs) -> None:

@@ -43,12 +43,14 @@ def _round_trip(overrides: list[str], root: str) -> dict:
     for step in (1, 2):
         train_step(saved, ema_saved, step)
     train_state = {"step": 2, "data": {"epoch": 0, "position": 8}}
+    rng_at_save = torch.get_rng_state()
     path = save_checkpoint(Path(root), 2, saved, ema_saved, train_state, cfg)
     at_save = reference_state(saved, ema_saved)
 
     _, restored, ema_restored = build_engine(overrides, seed=1)  # different dense init
     before_load = {k: v.detach().clone() for k, v in restored.module.state_dict().items()}
     loaded_state = load_checkpoint(path, restored, ema_restored, cfg)
+    rng_restored = torch.equal(torch.get_rng_state(), rng_at_save)  # building `restored` consumed random numbers
     model_after_load = {f"model/{k}": v.detach().cpu().clone() for k, v in restored.module.state_dict().items()}
     ema_after_load = {f"ema/{k}": v.cpu().clone() for k, v in ema_restored.state_dict().items()}
     immediate = mismatches({k: v for k, v in at_save.items() if k.startswith(("model/", "ema/"))},
@@ -57,6 +59,7 @@ def _round_trip(overrides: list[str], root: str) -> dict:
     return {
         "path": str(path),
         "train_state": loaded_state,
+        "rng_restored": rng_restored,
         "changed_by_load": any(not torch.equal(before_load[k], v) for k, v in restored.module.state_dict().items()),
         "immediate_mismatches": immediate,
         "after_step_mismatches": mismatches(reference_state(saved, ema_saved), reference_state(restored, ema_restored)),
@@ -73,6 +76,19 @@ def _save_steps(overrides: list[str], root: str, steps: list[int]) -> list[str]:
         train_step(engine, ema, step)
         paths.append(str(save_checkpoint(Path(root), step, engine, ema, {"step": step}, cfg)))
     return paths
+
+
+def _save_unserializable_state(overrides: list[str], root: str) -> tuple[str, list[str]]:
+    from parallel.checkpoint import CheckpointError, save_checkpoint
+
+    cfg, engine, ema = build_engine(overrides)
+    train_step(engine, ema, 1)
+    save_checkpoint(Path(root), 1, engine, ema, {"step": 1}, cfg)
+    try:
+        save_checkpoint(Path(root), 2, engine, ema, {"step": 2, "data": torch.zeros(1)}, cfg)
+    except CheckpointError as e:
+        return str(e), sorted(p.name for p in Path(root).iterdir())
+    return "no error", []
 
 
 def _save_for_reshard(overrides: list[str], root: str) -> dict[str, torch.Tensor]:
@@ -123,14 +139,16 @@ def _load_error(overrides: list[str], path: str) -> str:
 # ------------------------------------------------------------------------------ tests
 
 
-@pytest.mark.parametrize("world,ep,zero", [(1, 1, 1), (1, 1, 2), (2, 2, 1), (2, 2, 2), (2, 1, 2)])
-def test_round_trip_is_exact(pools, tmp_path, world, ep, zero):
+@pytest.mark.parametrize("world,ep,zero,precision", [(1, 1, 1, "fp32"), (1, 1, 2, "fp32"), (2, 2, 1, "fp32"),
+                                                     (2, 2, 2, "fp32"), (2, 1, 2, "fp32"), (2, 2, 2, "bf16")])
+def test_round_trip_is_exact(pools, tmp_path, world, ep, zero, precision):
     """Weights, fp32 masters, Adam moments and step, EMA, lr schedule and counters come back bit for bit,
     and the next step of the restored engine equals the next step of the engine that saved."""
-    overrides = [f"parallel.ep_size={ep}", f"parallel.zero_stage={zero}"]
+    overrides = [f"parallel.ep_size={ep}", f"parallel.zero_stage={zero}", f"train.precision={precision}"]
     results = pools(world).run(_round_trip, overrides, str(tmp_path))
     for rank, r in enumerate(results):
         assert r["changed_by_load"], f"rank {rank}: loading changed nothing (test would be vacuous)"
+        assert r["rng_restored"], f"rank {rank}"
         assert r["immediate_mismatches"] == [], f"rank {rank}"
         assert r["after_step_mismatches"] == [], f"rank {rank}"
         assert r["losses"][0] == r["losses"][1]
@@ -178,10 +196,19 @@ def test_reshard_experts_and_optimizer_state(pools, tmp_path):
 
 
 def test_keep_last_k_and_latest(pools, tmp_path):
-    paths = pools(2).run(_save_steps, ["parallel.ep_size=2", "train.keep_checkpoints=2"], str(tmp_path), [1, 2, 3, 4])[0]
+    overrides = ["parallel.ep_size=2", "train.keep_checkpoints=2"]
+    paths = pools(2).run(_save_steps, overrides, str(tmp_path), [1, 2, 3, 4])[0]
     assert paths[-1] == str(tmp_path / "step_0000004")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_0000003", "step_0000004"]
     assert (tmp_path / "latest").read_text().strip() == "step_0000004"
+
+
+def test_failed_save_raises_on_every_rank_and_keeps_the_previous(pools, tmp_path):
+    results = pools(2).run(_save_unserializable_state, ["parallel.ep_size=2"], str(tmp_path))
+    for message, entries in results:
+        assert "train_state must hold JSON values only" in message and "step_0000002" in message, message
+        assert entries == [".tmp-step_0000002", "latest", "step_0000001"]
+    assert (tmp_path / "latest").read_text().strip() == "step_0000001"
 
 
 def test_corrupted_file_is_named_on_every_rank(pools, tmp_path):

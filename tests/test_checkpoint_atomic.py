@@ -43,10 +43,10 @@ def _recover(runs: list[str]) -> list[dict]:
 @pytest.mark.slow
 def test_save_killed_midway_keeps_previous_checkpoint(tmp_path):
     runs = {point: tmp_path / point for point in POINTS}
-    procs = {point: subprocess.Popen(
-        [sys.executable, "-c", f"from tests.checkpoint_utils import save_then_die; save_then_die({str(run)!r}, {point!r})"],
-        cwd=REPO, env=child_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for point, run in runs.items()}
+    program = "from tests.checkpoint_utils import save_then_die; save_then_die({!r}, {!r})"
+    procs = {point: subprocess.Popen([sys.executable, "-c", program.format(str(run), point)], cwd=REPO, env=child_env(),
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for point, run in runs.items()}
     for point, proc in procs.items():
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == -9, f"{point}: exit {proc.returncode}\n{out[-3000:]}"

@@ -1,7 +1,7 @@
 """End to end through engine/train.py (tiny DiffMoE DiT, 2 ranks, ep_size 2, pool `world`):
 
 - SIGTERM to one rank mid-training: every rank finishes the step, a checkpoint is written, and both
-  exit with REQUEUE_EXIT_CODE; ranks are started directly, as srun starts them under Slurm;
+  exit with REQUEUE_EXIT_CODE (ranks are started directly, as srun starts them under Slurm);
 - train.resume=auto from that checkpoint logs the uninterrupted run's losses bit for bit;
 - the same checkpoint resumed at world 1 / ep_size 1 and at world 4 / ep_size 2 continues the
   uninterrupted run's loss curve (1e-5; the pool `world` is the global batch in every layout).
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from engine.preemption import REQUEUE_EXIT_CODE
-from tests.train_utils import QUICKSTART, TINY, TRAIN, REPO, child_env, free_port, losses_by_step, run_train
+from tests.train_utils import QUICKSTART, REPO, TINY, TRAIN, child_env, free_port, losses_by_step
 
 pytestmark = pytest.mark.slow
 
@@ -36,6 +36,15 @@ def _start_ranks(overrides: list[str], world: int) -> list[subprocess.Popen]:
         env=child_env({"RANK": str(r), "WORLD_SIZE": str(world), "LOCAL_RANK": str(r), "LOCAL_WORLD_SIZE": str(world),
                        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}),
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+
+
+def _train(overrides: list[str], world: int) -> str:
+    """Train to the end on `world` directly started ranks; returns rank 0's output."""
+    ranks = _start_ranks(overrides, world)
+    outputs = [p.communicate(timeout=600)[0] for p in ranks]
+    codes = [p.returncode for p in ranks]
+    assert codes == [0] * world, f"exit codes {codes}\n" + "\n".join(o[-3000:] for o in outputs)
+    return outputs[0]
 
 
 def _logged_steps(run: Path) -> list[int]:
@@ -69,8 +78,7 @@ def preempted(tmp_path_factory):
     stop = max(_logged_steps(run))
     assert 2 <= stop < 200
     reference = base / "uninterrupted"
-    run_train(QUICKSTART, TINY + MOE + EP2 + [f"train.max_steps={stop + MORE}", f"train.output_dir={reference}"],
-              nproc=2)
+    _train(TINY + MOE + EP2 + [f"train.max_steps={stop + MORE}", f"train.output_dir={reference}"], 2)
     return run, stop, reference
 
 
@@ -83,9 +91,9 @@ def test_sigterm_writes_a_checkpoint_and_exits_for_requeue(preempted):
 
 def test_resume_auto_equals_uninterrupted(preempted):
     run, stop, reference = preempted
-    proc = run_train(QUICKSTART, TINY + MOE + EP2 + [f"train.max_steps={stop + MORE}", f"train.output_dir={run}",
-                                                      "train.resume=auto"], nproc=2)
-    assert f"resumed from {run / 'checkpoints' / f'step_{stop:07d}'} at step {stop}" in proc.stdout
+    out = _train(TINY + MOE + EP2 + [f"train.max_steps={stop + MORE}", f"train.output_dir={run}",
+                                     "train.resume=auto"], 2)
+    assert f"resumed from {run / 'checkpoints' / f'step_{stop:07d}'} at step {stop}" in out
     resumed, expected = losses_by_step(run), losses_by_step(reference)
     for step in range(1, stop + MORE + 1):  # before the stop: the first run; after: the resumed one
         assert resumed[step] == expected[step], step
@@ -96,8 +104,8 @@ def test_resume_auto_equals_uninterrupted(preempted):
 def test_resharded_resume_continues_the_loss_curve(preempted, tmp_path, world, layout):
     run, stop, reference = preempted
     checkpoint = run / "checkpoints" / f"step_{stop:07d}"
-    run_train(QUICKSTART, TINY + MOE + layout + [f"train.max_steps={stop + MORE}", f"train.output_dir={tmp_path}",
-                                                 f"train.resume={checkpoint}"], nproc=world)
+    _train(TINY + MOE + layout + [f"train.max_steps={stop + MORE}", f"train.output_dir={tmp_path}",
+                                  f"train.resume={checkpoint}"], world)
     resumed, expected = losses_by_step(tmp_path), losses_by_step(reference)
     assert sorted(resumed) == list(range(stop + 1, stop + MORE + 1))
     for step, loss in resumed.items():

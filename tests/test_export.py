@@ -20,7 +20,7 @@ from tests.train_utils import REPO, child_env
 
 pytestmark = pytest.mark.slow
 
-EXPERT_KEYS = ("blocks.1.ffn.experts.w1", "blocks.1.ffn.experts.b1", "blocks.1.ffn.experts.w2", "blocks.1.ffn.experts.b2")
+EXPERT_KEYS = tuple(f"blocks.1.ffn.experts.{w}" for w in ("w1", "b1", "w2", "b2"))
 
 
 def _train_and_save(run: str) -> dict[str, torch.Tensor]:

@@ -273,3 +273,25 @@ def test_activation_checkpointing_updates_thresholds_once():
         (out.pow(2).mean() + moe.collect_aux_loss(model)).backward()
         thresholds.append(torch.cat([layer.predictor.threshold for layer in moe.moe_layers(model)]))
     assert torch.equal(thresholds[0], thresholds[1])
+
+
+@pytest.mark.parametrize("overrides", [
+    ["model.moe.routing=expert_choice", "model.moe.pool=sample", "model.moe.predictor=false"],
+    ["model.moe.routing=token_choice", "model.moe.router=sigmoid_bias", "model.moe.top_k=2", "model.moe.activation=swiglu",
+     "model.moe.num_shared_experts=1", "model.moe.expert_hidden=16", "model.moe.drop_tokens=false",
+     "model.moe.routed_scaling=2.0", "model.position=rope"],
+    ["model.moe.routing=token_choice", "model.moe.every=1", "model.moe.top_k=2", "model.moe.activation=swiglu",
+     "model.moe.time_aware=true", "model.moe.time_rank=8", "model.moe.recalibration=true", "model.moe.spatial_conv_kernel=5",
+     "model.moe.num_shared_experts=2", "model.moe.shared_expert_hidden=32", "model.moe.drop_tokens=false", "model.position=rope"],
+])
+def test_dit_with_each_moe_design_runs(overrides):
+    cfg = load_config(None, TINY[:-2] + ["model.moe.num_experts=4"] + overrides)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    out = model(torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([0, 4]))
+    (out.pow(2).mean() + moe.collect_aux_loss(model)).backward()
+    moe.update_router_biases(model)
+    layers = list(moe.moe_layers(model))
+    assert layers and all(layer.stats["tokens_per_expert"].sum() > 0 for layer in layers)
+    assert moe.average_activated_params(model) < sum(p.numel() for p in model.parameters())

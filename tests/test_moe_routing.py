@@ -108,3 +108,17 @@ def test_sigmoid_bias_router_selects_on_biased_scores_and_updates_toward_balance
     router.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]), rate=0.01)  # mean 5
     assert torch.allclose(router.balance_bias, torch.tensor([-0.01, 0.31, 0.0, 0.0]))  # over down, under up
     assert router.load.abs().sum() == 0
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["model.moe.routing=diffmoe", "model.moe.router=sigmoid_bias"], "model.moe.router"),
+    (["model.moe.routing=diffmoe", "model.moe.predictor=false", "model.moe.inference=dynamic"], "model.moe.inference"),
+    (["model.moe.capacity_schedule_stage1=10", "model.moe.capacity_schedule_stage2=5"], "model.moe.capacity_schedule_stage2"),
+    (["model.moe.spatial_conv_kernel=4"], "model.moe.spatial_conv_kernel"),
+    (["model.moe.threshold_ema=1.0"], "model.moe.threshold_ema"),
+])
+def test_moe_config_errors_name_the_key(overrides, key):
+    from engine.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, overrides)

@@ -299,11 +299,12 @@ def ep_inputs(world: int) -> dict:
 
 
 def ep_run(pool: str, ep_size: int, groups, rows: slice, world: int) -> dict:
+    """Forward/backward of this process's `rows` of the 2-rank global batch; `world` processes share it."""
     from models import moe
     from parallel.expert_parallel import attach_expert_parallel
 
     cfg = config(*EP_MODEL, f"model.moe.pool={pool}", f"parallel.ep_size={ep_size}")
-    data = ep_inputs(world)
+    data = ep_inputs(2)
     text = build_text_encoder(cfg.model.text)(data["captions"][rows])
     torch.manual_seed(0)  # dense weights equal on every rank; experts from their own generators
     model = build_model(cfg, groups.ep_rank if groups else 0, groups.ep_size if groups else 1)
@@ -316,7 +317,7 @@ def ep_run(pool: str, ep_size: int, groups, rows: slice, world: int) -> dict:
         attach_expert_parallel(model, cfg, groups)
     out = model(data["x"][rows], data["t"][rows], None, text=text)
     per_sample = (out - data["target"][rows]).square().mean((1, 2, 3))
-    loss = per_sample.sum() / (world * PER_RANK) + moe.collect_aux_loss(model) / world
+    loss = per_sample.sum() / (2 * PER_RANK) + moe.collect_aux_loss(model) / world
     loss.backward()
     return {"out": out.detach(), "loss": loss.detach(), "ep_rank": groups.ep_rank if groups else 0,
             "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
@@ -336,7 +337,7 @@ def _ep_rank() -> dict:
 def test_two_rank_expert_parallel_equals_one_process_with_text() -> None:
     with DistributedPool(2) as ranks:
         results = ranks.run(_ep_rank)
-    ref = ep_run("micro_batch", 1, None, slice(None), 2)
+    ref = ep_run("micro_batch", 1, None, slice(None), 1)
     tol = {"rtol": 1e-5, "atol": 1e-5}
     torch.testing.assert_close(torch.cat([r["out"] for r in results]), ref["out"], **tol)
     torch.testing.assert_close(sum(r["loss"] for r in results), ref["loss"], **tol)
@@ -379,5 +380,6 @@ def test_tiny_t2i_quickstart_trains_and_samples_from_prompts(tmp_path) -> None:
                           env={**__import__("os").environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert Path(result["grid"]).is_file() and result["num_samples"] == 4
+    assert Path(result["grid"]).is_file() and result["num_samples"] == 4 and result["tensorboard_step"] == 3
+    assert result["prompts"] == ["a handwritten digit three", "a handwritten digit eight"]
     assert len(list((out / "images").glob("*.png"))) == 4

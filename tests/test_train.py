@@ -42,11 +42,14 @@ def test_short_run_writes_run_directory(tmp_path):
     assert resolved == to_dict(load_config(QUICKSTART, overrides))
 
 
-def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
+def test_fresh_run_refuses_a_folder_with_checkpoints_resume_reports_done(tmp_path):
     run = tmp_path / "run"
     run_train(QUICKSTART, TINY + [f"train.output_dir={run}", "train.max_steps=1"])
+    before = read_metrics(run)
     proc = run_train(QUICKSTART, TINY + [f"train.output_dir={run}", "train.max_steps=1"], check=False)
     assert proc.returncode == 2 and "train.resume=auto" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_train(QUICKSTART, TINY + [f"train.output_dir={run}", "train.max_steps=1", "train.resume=auto"])
+    assert "already trained to step 1" in proc.stdout and read_metrics(run) == before
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
@@ -66,15 +69,14 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
 
 @pytest.mark.slow
 def test_two_ranks_give_the_one_rank_loss_curve(tmp_path):
-    """The same global batch of 8 on 1 process, on 1 process with accumulation (4 x 2), and on 2
-    DeepSpeed ranks (ZeRO-2) and 2 torchrun ranks (ZeRO-1, accumulation 2 x 2): equal per-step losses."""
+    """The same global batch of 8 on 1 process, on 2 DeepSpeed ranks (ZeRO-2) and on 2 torchrun
+    ranks (ZeRO-1, micro-batch 2 x accumulation 2): equal per-step losses."""
     common = TINY + ["train.max_steps=4", "train.lr=1e-3"]
     one = tmp_path / "one"
     run_train(QUICKSTART, common + [f"train.output_dir={one}"])
     reference = losses_by_step(one)
     assert list(reference) == [1, 2, 3, 4] and reference[4] < reference[1]
     layouts = {
-        "accum": (1, "deepspeed", ["train.micro_batch_size=4"]),
         "ds2": (2, "deepspeed", ["parallel.zero_stage=2"]),
         "torchrun2": (2, "torchrun", ["parallel.zero_stage=1", "train.micro_batch_size=2"]),
     }

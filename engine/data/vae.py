@@ -32,7 +32,8 @@ def latent_meta(path: str | Path, image_size: int) -> dict:
 
 
 class LatentEncoder:
-    """Encodes to scaled latents; z is the posterior mean, or mean + std * noise when noise is given."""
+    """Encodes to scaled latents (z is the posterior mean, or mean + std * noise when noise is given)
+    and decodes them back to pixels."""
 
     def __init__(self, path: str | Path, image_size: int, device: str | torch.device = "cpu"):
         from diffusers import AutoencoderKL
@@ -49,3 +50,9 @@ class LatentEncoder:
         posterior = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist
         z = posterior.mean if noise is None else posterior.mean + posterior.std * noise.to(self.device)
         return ((z - self.meta["shift_factor"]) * self.meta["scaling_factor"]).float().cpu()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents -> pixels [B, 3, H, W] in [-1, 1], float32 on this encoder's device."""
+        z = latents.to(self.device, torch.float32) / self.meta["scaling_factor"] + self.meta["shift_factor"]
+        return self.vae.decode(z).sample.float().clamp(-1, 1)

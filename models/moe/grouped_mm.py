@@ -70,7 +70,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Ten
     if x.shape[0] == 0:
         return x.new_zeros(0, w.shape[2]) + 0 * w.sum()  # keeps w in the graph (zero gradient)
     if min(counts) == max(counts):
-        return torch.bmm(x.view(num, counts[0], -1), w).view(x.shape[0], -1)
+        return torch.bmm(x.reshape(num, counts[0], -1), w).view(x.shape[0], -1)
     if torch.is_autocast_enabled(x.device.type):  # a custom function is not autocast by itself
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
@@ -86,6 +86,6 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, 
     if bias is None:
         return grouped_mm(x, w, counts)
     if x.shape[0] and len(counts) == w.shape[0] and min(counts) == max(counts) and sum(counts) == x.shape[0]:
-        return torch.baddbmm(bias.unsqueeze(1), x.view(len(counts), counts[0], -1), w).view(x.shape[0], -1)
+        return torch.baddbmm(bias.unsqueeze(1), x.reshape(len(counts), counts[0], -1), w).view(x.shape[0], -1)
     rows = torch.repeat_interleave(bias, torch.tensor(counts, device=bias.device), dim=0, output_size=x.shape[0])
     return grouped_mm(x, w, counts) + rows
