@@ -4,7 +4,7 @@
 
 For world 2 and 4 (ep_size = world, pool `ep_group`, DiT-S-like layer: T tokens per rank of width d,
 E experts) and two routings — DiffMoE expert choice (capacity 1, plus the capacity predictor's
-threshold select) and token choice top-2 — one MoE layer forward runs selection -> dispatch ->
+threshold select) and token choice top-2 (capacity factor 1 over the pool) — one MoE layer forward runs selection -> dispatch ->
 combine, and the byte counters of `parallel.comm_bytes` are compared with:
 
 - the lower bound of hidden-state traffic: every chosen (token, remote expert-rank) pair sent
@@ -38,6 +38,7 @@ def _one_layer(tokens: int, dim: int, experts: int, routing: str, selection: str
     """One MoE layer forward on this rank; bytes it sent and its share of the bounds."""
     import torch.distributed as dist
 
+    from models.moe import selection as choose
     from models.moe.dispatcher import RoutingPlan
     from parallel.dispatch import AllToAllDispatcher
     from parallel.groups import create_groups
@@ -49,13 +50,16 @@ def _one_layer(tokens: int, dim: int, experts: int, routing: str, selection: str
     router = torch.randn(dim, experts, generator=torch.Generator().manual_seed(0)) * 2 / dim**0.5
     scores = torch.softmax(x @ router, dim=-1)
     pool = build_pool("ep_group", groups, selection)
+    pool_tokens = pool.pool_tokens(tokens, TOKENS_PER_SAMPLE)
     if routing == "expert_choice":
-        k = int(pool.pool_tokens(tokens, TOKENS_PER_SAMPLE) / experts)
+        k = choose.expert_choice_k(pool_tokens, experts, capacity=1.0)
         mask = pool.topk_mask(scores, k, TOKENS_PER_SAMPLE)
         predicted = torch.rand(tokens, experts, generator=torch.Generator().manual_seed(50 + rank))
         pool.kth_largest(predicted, k, TOKENS_PER_SAMPLE)  # the capacity predictor's threshold
-    else:
-        mask = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, scores.topk(2, dim=1).indices, True)
+    else:  # top-2 with the capacity limit (factor 1) applied over the pool
+        chosen = choose.top_k_choice(scores, 2)
+        capacity = choose.token_choice_capacity(pool_tokens, experts, 2, capacity=1.0)
+        mask = choose.drop_over_capacity(chosen, scores, pool, capacity, TOKENS_PER_SAMPLE)
     dispatcher = AllToAllDispatcher(groups.ep_group, groups.ep_rank, world, experts)
     routed = dispatcher.dispatch(RoutingPlan.from_mask(mask, scores), x)
     dispatcher.combine(routed.tokens, routed)

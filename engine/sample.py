@@ -270,7 +270,7 @@ def sample(args: argparse.Namespace) -> dict:
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
     model.to(ctx.device, dtype).eval()
     objective, decode = build_diffusion(cfg), Decoder(cfg, ctx.device)
-    text = build_text_conditioner(cfg, ctx.device) if prompts is not None else None
+    text = build_text_conditioner(cfg, ctx.device, for_sampling=True) if prompts is not None else None
     if ctx.is_main:
         (out / "images").mkdir(parents=True, exist_ok=True)
         (out / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")

@@ -27,20 +27,21 @@ from models.text import FrozenTextEncoder, TextEmbeddings, TextEncoderError, bui
 if TYPE_CHECKING:
     from engine.config import Config
 
+SAMPLES_PER_PROMPT = 8  # engine/sample.py --prompts without --num-samples: a grid of 8 rows
+
 
 class TextConditioner:
     """The frozen encoder (or the shards' embeddings), caption dropout and the empty prompt on `device`."""
 
-    def __init__(self, cfg: Config, encoder: FrozenTextEncoder, device: torch.device | str):
+    def __init__(self, cfg: Config, encoder: FrozenTextEncoder, device: torch.device | str, keep_encoder: bool):
         self.cfg, self.device = cfg, torch.device(device)
         self.empty = encoder([""]).to(self.device)  # [1, L, D]: the unconditional input of CFG
-        # precomputed: the shards hold every caption's embedding, so the (possibly huge) encoder goes
-        self.encoder: FrozenTextEncoder | None = None if cfg.model.text.precomputed else encoder
+        self.encoder: FrozenTextEncoder | None = encoder if keep_encoder else None
 
     def encode(self, prompts: list[str]) -> TextEmbeddings:
         if self.encoder is None:
-            raise RuntimeError("model.text.precomputed=true released the text encoder; encoding new prompts "
-                               "needs model.text.precomputed=false")
+            raise RuntimeError("model.text.precomputed=true: the training conditioner released the text encoder; "
+                               "encode new prompts with build_text_conditioner(cfg, device, for_sampling=True)")
         return self.encoder(prompts).to(self.device)
 
     def null(self, batch: int) -> TextEmbeddings:
@@ -79,16 +80,18 @@ class TextConditioner:
         return self.sampling_kwargs(digits_prompts(labels))
 
 
-def build_text_conditioner(cfg: Config, device: torch.device | str) -> TextConditioner | None:
+def build_text_conditioner(cfg: Config, device: torch.device | str, for_sampling: bool = False) -> TextConditioner | None:
     """The conditioner of `cfg.model.text`, or None for a class-conditional model; a missing or
-    mismatched encoder folder is a ConfigError naming the key."""
+    mismatched encoder folder is a ConfigError naming the key. Training with
+    `model.text.precomputed` releases the (possibly huge) encoder once the empty prompt is embedded;
+    `for_sampling` keeps it, since new prompts need it."""
     if cfg.model.text.encoder == "none":
         return None
     try:
         encoder = build_text_encoder(cfg.model.text, device)
     except TextEncoderError as e:
         raise ConfigError(str(e)) from None
-    return TextConditioner(cfg, encoder, device)
+    return TextConditioner(cfg, encoder, device, keep_encoder=for_sampling or not cfg.model.text.precomputed)
 
 
 def digits_prompts(labels: torch.Tensor) -> list[str]:
@@ -119,9 +122,6 @@ def prompts_for(cfg: Config, path: str | Path | None) -> list[str] | None:
     if path is None:
         raise ValueError(f"--prompts FILE: {cfg.name} is text-conditioned (model.text.encoder={cfg.model.text.encoder})")
     return read_prompts(path)
-
-
-SAMPLES_PER_PROMPT = 8  # engine/sample.py --prompts without --num-samples: a grid of 8 rows
 
 
 def prompts_of(prompts: list[str], indices: range) -> list[str]:

@@ -22,8 +22,8 @@ from engine.data import DataError, build_train_loader
 from engine.ema import EMA
 from engine.monitor import setup_logging
 from engine.preemption import PreemptionHandler
-from engine.text_conditioning import build_text_conditioner
 from engine.run_dir import prepare_run_dir
+from engine.text_conditioning import build_text_conditioner
 from engine.train_events import TrainEvents
 from engine.train_metrics import IntervalMeter
 from engine.train_step import after_step, train_step
@@ -92,7 +92,7 @@ def train(cfg: Config) -> None:
         if preempted:
             events.close()
             raise SystemExit(preemption.exit_code)
-    events.close()
+    events.close(finished=True)
 
 
 def main(argv: list[str] | None = None) -> None:

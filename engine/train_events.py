@@ -137,5 +137,8 @@ class TrainEvents:
         self.monitor.print(f"{self.cfg.run_dir} is already trained to step {step} (train.max_steps="
                            f"{self.cfg.train.max_steps}){result}; raise train.max_steps to continue")
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        if finished:
+            self.monitor.print(f"done: {self.cfg.run_dir} (metrics.jsonl, samples/, checkpoints/; "
+                               f"tensorboard --logdir {self.cfg.run_dir / 'tb'})")
         self.monitor.close()

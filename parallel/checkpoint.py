@@ -32,6 +32,7 @@ import logging
 import random
 import re
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -41,17 +42,17 @@ import safetensors.torch
 import torch
 import torch.distributed as dist
 
-from parallel.checkpoint_io import (MANIFEST, CheckpointError, fsync_dir, publish_dir, read_pointer,
-                                    read_verified, remove_dir, remove_leftovers, temp_dir_for, write_durable,
-                                    write_pointer)
+from parallel.checkpoint_io import (MANIFEST, CheckpointError, fsync_dir, fsync_file, publish_dir, read_pointer,
+                                    remove_dir, remove_leftovers, sha256_file, temp_dir_for, verify_file,
+                                    write_durable, write_pointer)
 from parallel.groups import create_groups
 from parallel.zero_state import ZeroOptimizerState
 
 if TYPE_CHECKING:
     from engine.config import Config
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "resolve_resume", "checkpoint_dir",
-           "read_manifest", "read_tensors", "step_dir_name"]
+__all__ = ["CheckpointError", "CheckpointReader", "save_checkpoint", "load_checkpoint", "resolve_resume",
+           "checkpoint_dir", "latest_checkpoint", "read_manifest", "verify_checkpoint", "step_dir_name"]
 
 log = logging.getLogger(__name__)
 
@@ -235,14 +236,16 @@ def _collect(tensors: dict[str, torch.Tensor], zero: ZeroOptimizerState, ema: EM
         shape = list(t.shape)
         if expert:
             shape[0] = layout.num_experts
-        table[name] = {"shape": shape, "dtype": str(t.dtype).removeprefix("torch."), "expert": expert,
+        saved_dtype = torch.float32 if in_optimizer else t.dtype  # trained parameters: their fp32 master
+        table[name] = {"shape": shape, "dtype": str(saved_dtype).removeprefix("torch."), "expert": expert,
                        "optimizer": in_optimizer, "ema": name in ema_state}
     return dense, experts, table, state_keys
 
 
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor], expert_ids: list[int] | None) -> dict[str, Any]:
-    data = safetensors.torch.save({k: v.contiguous() for k, v in tensors.items()})
-    return _record(write_durable(path, data), path, expert_ids)
+    safetensors.torch.save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    fsync_file(path)
+    return _record(sha256_file(path), path, expert_ids)
 
 
 def _record(sha256: str, path: Path, expert_ids: list[int] | None) -> dict[str, Any]:
@@ -333,43 +336,72 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def read_tensors(path: Path, manifest: dict[str, Any], expert_ids: list[int]) -> dict[str, torch.Tensor]:
-    """`section/name` -> tensor (sections: model, ema, optimizer state keys): dense tensors whole,
-    expert tensors stacked over `expert_ids` (in that order), from files verified against the manifest."""
-    path = Path(path)
-    out: dict[str, torch.Tensor] = {}
-    rows: dict[str, list[torch.Tensor | None]] = {}
-    has_experts = any(rec["expert"] for rec in manifest["tensors"].values())
-    wanted = set(expert_ids) if has_experts else set()
-    found: set[int] = set()
-    for name, rec in manifest["files"].items():
-        if name == DENSE_FILE:
-            out.update(_load_safetensors(path / name, rec["sha256"]))
-        elif rec["experts"] is not None and wanted & set(rec["experts"]):
-            held = rec["experts"]
-            tensors = _load_safetensors(path / name, rec["sha256"])
-            for e in sorted(wanted & set(held)):
-                found.add(e)
-                for key, t in tensors.items():
-                    rows.setdefault(key, [None] * len(expert_ids))[expert_ids.index(e)] = t[held.index(e)]
-    if DENSE_FILE not in manifest["files"]:
-        raise CheckpointError(f"{path / MANIFEST} lists no {DENSE_FILE}")
-    missing = sorted(wanted - found)
-    if missing:
-        raise CheckpointError(f"checkpoint {path} holds no file with experts {missing[:8]}")
-    for key, stacked in rows.items():
-        if any(r is None for r in stacked):
-            raise CheckpointError(f"checkpoint {path}: tensor '{key}' is missing for some experts")
-        out[key] = torch.stack(stacked)
-    return out
+class CheckpointReader:
+    """A checkpoint's tensors, read one at a time from its memory-mapped safetensors files (peak memory:
+    one tensor, not the checkpoint). Checksums are checked by `verify`, once per file, before reading.
+
+        with CheckpointReader(path, manifest) as reader:
+            reader.verify(reader.file_names())
+            w = reader.dense("model/final_layer.linear.weight")
+            e = reader.experts("exp_avg/blocks.1.ffn.experts.w1", [2, 3])   # rows of experts 2 and 3
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path, self.manifest = Path(path), manifest
+        self._stack = ExitStack()
+        self._handles: dict[str, Any] = {}
+        if DENSE_FILE not in manifest["files"]:
+            raise CheckpointError(f"{self.path / MANIFEST} lists no {DENSE_FILE}")
+        # (first expert, last expert, file) of the expert-parallel shard files, in expert order
+        self._shards = sorted((rec["experts"][0], rec["experts"][-1], name)
+                              for name, rec in manifest["files"].items() if rec["experts"])
+
+    def __enter__(self) -> CheckpointReader:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stack.close()
+
+    def file_names(self) -> list[str]:
+        return sorted(self.manifest["files"])
+
+    def verify(self, names: list[str]) -> None:
+        for name in names:
+            verify_file(self.path / name, self.manifest["files"][name]["sha256"])
+
+    def dense(self, key: str) -> torch.Tensor:
+        return self._read(DENSE_FILE, key, None)
+
+    def experts(self, key: str, expert_ids: list[int]) -> torch.Tensor:
+        """Rows of `expert_ids` (a contiguous ascending range of global expert ids) stacked along dim 0."""
+        pieces = []
+        for first, last, name in self._shards:
+            lo, hi = max(first, expert_ids[0]), min(last, expert_ids[-1])
+            if lo <= hi:
+                pieces.append(self._read(name, key, (lo - first, hi - first + 1)))
+        got = sum(p.shape[0] for p in pieces)
+        if got != len(expert_ids):
+            raise CheckpointError(f"checkpoint {self.path} holds {got} of experts {expert_ids[0]}..{expert_ids[-1]} "
+                                  f"for '{key}'")
+        return torch.cat(pieces)
+
+    def _read(self, name: str, key: str, rows: tuple[int, int] | None) -> torch.Tensor:
+        file = self.path / name
+        try:
+            if name not in self._handles:
+                self._handles[name] = self._stack.enter_context(safetensors.safe_open(str(file), framework="pt"))
+            handle = self._handles[name]
+            return handle.get_tensor(key) if rows is None else handle.get_slice(key)[rows[0]:rows[1]]
+        except Exception as e:  # safetensors raises its own error types (missing key, malformed file)
+            raise CheckpointError(f"cannot read '{key}' from checkpoint file {file}: {e}") from None
 
 
-def _load_safetensors(file: Path, sha256: str) -> dict[str, torch.Tensor]:
-    data = read_verified(file, sha256)
-    try:
-        return safetensors.torch.load(data)
-    except Exception as e:  # safetensors raises its own error types for a malformed header
-        raise CheckpointError(f"checkpoint file {file} is not a valid safetensors file: {e}") from None
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Check every file of checkpoint folder `path` against the manifest; returns the manifest."""
+    manifest = read_manifest(path)
+    with CheckpointReader(path, manifest) as reader:
+        reader.verify(reader.file_names())
+    return manifest
 
 
 # --------------------------------------------------------------------------------------------
@@ -381,39 +413,42 @@ def load_checkpoint(path: Path, engine: Any, ema: EMALike | None, cfg: Config) -
     """Restore weights, optimizer state, EMA, lr schedule and RNG from checkpoint folder `path`, resharding
     experts to this run's layout; returns the saved `train_state`. Collective: every rank calls it."""
     path = Path(path)
-    model = engine.module
-    tensors = _model_tensors(model)
+    tensors = _model_tensors(engine.module)
     zero = ZeroOptimizerState(engine)
     layout = _layout(cfg, tensors)
-    error, manifest, loaded, rng = None, {}, {}, None
+    what = f"loading checkpoint {path}"
+    error, manifest = None, {}
     try:
         manifest = read_manifest(path)
         _check_compatible(path, manifest, tensors, zero, ema, layout)
-        loaded = read_tensors(path, manifest, layout.expert_ids)
-        if manifest["world_size"] == layout.world_size:
-            name = _rng_file(layout.rank)
-            rng = read_verified(path / name, manifest["files"][name]["sha256"])
+        # Each file is checksummed once in the job, by rank (its index % world size), in parallel.
+        with CheckpointReader(path, manifest) as reader:
+            reader.verify(reader.file_names()[layout.rank::layout.world_size])
     except CheckpointError as e:
         error = str(e)
-    _agree(error, f"loading checkpoint {path}")
+    _agree(error, what)
 
-    opt = manifest["optimizer"]
-    scalars = {k: tuple(v) for k, v in opt["scalars"].items()}
-    if opt["state_keys"] or scalars:
-        zero.prepare_state(opt["state_keys"], scalars)
-    with torch.no_grad():
-        for name, t in tensors.items():
-            value = loaded[f"model/{name}"]
-            if manifest["tensors"][name]["optimizer"]:
-                zero.set(t, None, value)
-                for key in opt["state_keys"]:
-                    zero.set(t, key, loaded[f"{key}/{name}"])
-            t.copy_(value)
-    if ema is not None:
-        ema.load_state_dict({name: loaded[f"ema/{name}"] for name in ema.state_dict()})
+    with CheckpointReader(path, manifest) as reader:
+        def read(key: str, expert: bool) -> torch.Tensor:
+            return reader.experts(key, layout.expert_ids) if expert else reader.dense(key)
+
+        opt = manifest["optimizer"]
+        scalars = {k: tuple(v) for k, v in opt["scalars"].items()}
+        if opt["state_keys"] or scalars:
+            zero.prepare_state(opt["state_keys"], scalars)
+        with torch.no_grad():
+            for name, t in tensors.items():
+                value = read(f"model/{name}", _is_expert(t))
+                if manifest["tensors"][name]["optimizer"]:
+                    zero.set(t, None, value)
+                    for key in opt["state_keys"]:
+                        zero.set(t, key, read(f"{key}/{name}", _is_expert(t)))
+                t.copy_(value)
+        if ema is not None:
+            ema.load_state_dict({name: read(f"ema/{name}", _is_expert(tensors[name])) for name in ema.state_dict()})
     _restore_schedule(engine, manifest, path)
-    if rng is not None:
-        _set_rng(rng)
+    if manifest["world_size"] == layout.world_size:
+        _set_rng((path / _rng_file(layout.rank)).read_bytes())
     elif layout.rank == 0:
         log.info("checkpoint %s was saved at world size %d: RNG states not restored (training draws are "
                  "addressed by sample index and do not depend on them)", path, manifest["world_size"])
@@ -485,46 +520,47 @@ def _complete_steps(root: Path) -> list[tuple[int, Path]]:
                   if (m := _STEP_DIR.match(p.name)) and (p / MANIFEST).is_file())
 
 
-def checkpoint_dir(run_dir: Path, step: int | None = None) -> Path:
-    """`run_dir/checkpoints/step_N` for `step`, else the folder `latest` points to; errors list what exists."""
-    root = Path(run_dir) / "checkpoints"
-    available = [s for s, _ in _complete_steps(root)]
-    if step is not None:
-        path = root / step_dir_name(step)
-        if not (path / MANIFEST).is_file():
-            raise CheckpointError(f"no complete checkpoint {path} (steps in {root}: {available or 'none'})")
-        return path
+def latest_checkpoint(root: Path) -> Path | None:
+    """The checkpoint `root/latest` names; if it names no complete checkpoint (or is missing, e.g. a
+    crash between the first folder rename and the first pointer write), the newest complete one; None
+    when `root` holds no complete checkpoint."""
+    root = Path(root)
     name = read_pointer(root) if root.is_dir() else None
-    if name is None:
-        raise CheckpointError(f"no checkpoint in {root} (no '{root / 'latest'}')")
-    return _pointed_or_newest(root, name)
-
-
-def _pointed_or_newest(root: Path, name: str) -> Path:
-    path = root / name
-    if (path / MANIFEST).is_file():
-        return path
+    if name is not None and (root / name / MANIFEST).is_file():
+        return root / name
     complete = _complete_steps(root)
     if not complete:
-        raise CheckpointError(f"{root / 'latest'} points to {path}, which is not a complete checkpoint, "
-                              f"and {root} holds no other")
+        return None
     newest = complete[-1][1]
     if not dist.is_initialized() or dist.get_rank() == 0:
-        log.warning("%s points to %s, which is not a complete checkpoint; using the newest complete one, %s",
-                    root / "latest", path, newest)
+        said = f"points to {root / name}, which is not a complete checkpoint" if name else "is missing"
+        log.warning("%s %s; using the newest complete checkpoint, %s", root / "latest", said, newest)
     return newest
 
 
+def checkpoint_dir(run_dir: Path, step: int | None = None) -> Path:
+    """`run_dir/checkpoints/step_N` for `step`, else the latest checkpoint; errors list what exists."""
+    root = Path(run_dir) / "checkpoints"
+    if step is None:
+        path = latest_checkpoint(root)
+        if path is None:
+            raise CheckpointError(f"no checkpoint in {root}")
+        return path
+    path = root / step_dir_name(step)
+    if not (path / MANIFEST).is_file():
+        available = [s for s, _ in _complete_steps(root)]
+        raise CheckpointError(f"no complete checkpoint {path} (steps in {root}: {available or 'none'})")
+    return path
+
+
 def resolve_resume(cfg: Config) -> Path | None:
-    """`train.resume`: "" -> None; "auto" -> the folder `latest` points to under run_dir/checkpoints
-    (None when there is none yet); anything else -> that checkpoint folder (error if not complete)."""
+    """`train.resume`: "" -> None; "auto" -> the latest checkpoint under run_dir/checkpoints (None when
+    there is none yet); anything else -> that checkpoint folder (error if it is not complete)."""
     spec = cfg.train.resume
     if spec == "":
         return None
     if spec == "auto":
-        root = cfg.run_dir / "checkpoints"
-        name = read_pointer(root) if root.is_dir() else None
-        return None if name is None else _pointed_or_newest(root, name)
+        return latest_checkpoint(cfg.run_dir / "checkpoints")
     path = Path(spec)
     if not path.is_dir():
         raise CheckpointError(f"train.resume: checkpoint folder {path} does not exist")

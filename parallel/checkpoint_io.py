@@ -26,6 +26,15 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    """sha256 (hex) of a file, read in chunks (checkpoint files can be many GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def fsync_dir(path: Path) -> None:
     """Make a folder's entries (new files, renames) durable."""
     fd = os.open(path, os.O_RDONLY)
@@ -45,17 +54,21 @@ def write_durable(path: Path, data: bytes) -> str:
     return sha256_hex(data)
 
 
-def read_verified(path: Path, sha256: str) -> bytes:
-    """The bytes of `path`, checked against the manifest's checksum (what is returned is what was checked)."""
+def fsync_file(path: Path) -> None:
+    """Flush a file written by other code (e.g. safetensors.save_file) to disk."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def verify_file(path: Path, sha256: str) -> None:
+    """Check a checkpoint file against its manifest checksum; the error names the file."""
     try:
-        data = path.read_bytes()
+        actual = sha256_file(path)
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint file {path}: {e.strerror or e}") from None
-    actual = sha256_hex(data)
     if actual != sha256:
         raise CheckpointError(f"checkpoint file {path} is corrupted: sha256 {actual} does not match the "
                               f"manifest's {sha256}")
-    return data
 
 
 def temp_dir_for(final: Path) -> Path:

@@ -89,11 +89,13 @@ def mismatches(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[s
 
 def save_then_die(run_dir: str, point: str) -> None:
     """Save step 1, train a step, then die by SIGKILL in the middle of saving step 2:
-    `write` (a torn half-written file), `publish` (all files written, folder not yet renamed) or
+    `write` (a torn, half-written dense file), `publish` (all files written, folder not yet renamed) or
     `pointer` (folder renamed, `latest` not yet updated). Step 1's model state goes to expected_step1.pt."""
     import os
     import signal
     from pathlib import Path
+
+    import safetensors.torch
 
     import parallel.checkpoint as ckpt
 
@@ -108,14 +110,13 @@ def save_then_die(run_dir: str, point: str) -> None:
     def die(*args, **kwargs) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def torn_write(path: Path, data: bytes) -> str:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_bytes(data[: len(data) // 2])
+    def torn_write(tensors: dict[str, torch.Tensor], filename: str) -> None:
+        data = safetensors.torch.save(tensors)
+        Path(filename).write_bytes(data[: len(data) // 2])
         die()
-        return ""
 
     if point == "write":
-        ckpt.write_durable = torn_write
+        safetensors.torch.save_file = torn_write
     elif point == "publish":
         ckpt.publish_dir = die
     elif point == "pointer":

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engine.config import load_config
-from parallel.checkpoint import CheckpointError, read_manifest, read_tensors, resolve_resume
+from parallel.checkpoint import CheckpointError, read_manifest, resolve_resume, verify_checkpoint
 from tests.checkpoint_utils import TINY_MOE, build_engine, train_step
 from tests.dist_utils import run_distributed
 from tests.train_utils import REPO, child_env
@@ -56,8 +56,7 @@ def test_save_killed_midway_keeps_previous_checkpoint(tmp_path):
         assert (root / "latest").read_text().strip() == "step_0000001", point
         step1 = resolve_resume(_resume_cfg(run))
         assert step1 == root / "step_0000001", point
-        manifest = read_manifest(step1)
-        read_tensors(step1, manifest, [0, 1, 2, 3])  # every file present and matching its checksum
+        assert verify_checkpoint(step1)["step"] == 1  # every file present and matching its checksum
         entries = sorted(p.name for p in root.iterdir())
         if point == "pointer":  # step 2 is complete but not yet the latest
             assert entries == ["latest", "step_0000001", "step_0000002"], point
@@ -82,6 +81,9 @@ def test_resolve_resume(tmp_path):
     assert resolve_resume(_resume_cfg(tmp_path)) == root / "step_0000005"  # latest wins over the newest
     assert resolve_resume(_resume_cfg(tmp_path, str(root / "step_0000010"))) == root / "step_0000010"
     (root / "latest").write_text("step_0000007\n")  # points at a folder that is gone: newest complete one
+    assert resolve_resume(_resume_cfg(tmp_path)) == root / "step_0000010"
+
+    (root / "latest").unlink()  # a crash before the first pointer write: the newest complete one
     assert resolve_resume(_resume_cfg(tmp_path)) == root / "step_0000010"
 
     (root / "step_0000015").mkdir()  # no manifest: not a checkpoint

@@ -268,8 +268,10 @@ def test_precomputed_embeddings_equal_live_encoding(tmp_path) -> None:
     assert torch.equal(got.mask, want.mask)
     torch.testing.assert_close(got.tokens, want.tokens, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(pre.null(1).tokens, live.null(1).tokens)
-    with pytest.raises(RuntimeError, match="precomputed"):
+    with pytest.raises(RuntimeError, match="for_sampling=True"):
         pre.encode(["new prompt"])
+    sampler = build_text_conditioner(pre.cfg, "cpu", for_sampling=True)  # engine/sample.py keeps the encoder
+    torch.testing.assert_close(sampler.encode(CAPTIONS).tokens, want.tokens)
 
 
 def test_read_prompts(tmp_path) -> None:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from engine.config import load_config, to_dict
 from engine.digits_eval import ReferenceClassifier, as_model_pixels
@@ -32,7 +33,10 @@ def test_short_run_writes_run_directory(tmp_path):
     evals = [r for r in records if "eval/class_acc" in r]
     assert len(evals) == 1 and evals[0]["step"] == 4 and 0 <= evals[0]["eval/class_acc"] <= 1
 
-    assert list((run / "tb").glob("events.out.tfevents.*"))
+    events = EventAccumulator(str(run / "tb")).Reload()
+    tags = events.Tags()
+    assert {"loss", "lr", "grad_norm", "samples_per_sec", "eval/class_acc"} <= set(tags["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == [2, 4] and "samples/ema" in tags["images"]
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.iterdir() if p.name.startswith("step_")) == ["step_0000002", "step_0000004"]
     assert (ckpts / "latest").read_text().strip() == "step_0000004"
@@ -71,7 +75,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
 def test_two_ranks_give_the_one_rank_loss_curve(tmp_path):
     """The same global batch of 8 on 1 process, on 2 DeepSpeed ranks (ZeRO-2) and on 2 torchrun
     ranks (ZeRO-1, micro-batch 2 x accumulation 2): equal per-step losses."""
-    common = TINY + ["train.max_steps=4", "train.lr=1e-3"]
+    common = TINY + ["train.max_steps=4", "train.lr=1e-3", "eval.num_samples=30", "eval.batch_size=4"]
     one = tmp_path / "one"
     run_train(QUICKSTART, common + [f"train.output_dir={one}"])
     reference = losses_by_step(one)
@@ -86,6 +90,12 @@ def test_two_ranks_give_the_one_rank_loss_curve(tmp_path):
         assert losses.keys() == reference.keys(), name
         for step, loss in reference.items():
             assert losses[step] == pytest.approx(loss, rel=1e-5), (name, step)
+        # evaluation samples are seeded per sample: the same images, hence the same score
+        assert class_acc(tmp_path / name) == class_acc(one)
+
+
+def class_acc(run) -> float:
+    return [r["eval/class_acc"] for r in read_metrics(run) if "eval/class_acc" in r][-1]
 
 
 def test_reference_classifier_recognises_real_digits():

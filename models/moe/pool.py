@@ -44,10 +44,14 @@ class TokenPool(ABC):
 def _ranked_topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """[G, n, E] -> [G, n, E] bool: top-k along dim 1, ties to the lower index, -inf excluded."""
     k = min(k, scores.shape[1])
-    # Stable descending sort keeps the lower index first among equal scores.
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    mask.scatter_(1, order, True)
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    # Everything above the k-th largest value, then the lowest-index entries equal to it until k are
+    # taken: the stable-sort answer, without sorting (a few times faster than a sort along dim 1).
+    kth = torch.topk(scores, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    above, tied = scores > kth, scores == kth
+    room = k - above.sum(dim=1, keepdim=True)
+    mask = above | (tied & (tied.cumsum(dim=1) <= room))
     return mask & (scores != float("-inf"))
 
 
