@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from engine.data import load_digits_split
+from engine.monitor import show_progress
 from engine.sampling import generate
 
 if TYPE_CHECKING:
@@ -86,12 +87,13 @@ def class_accuracy(model: nn.Module, objective: Objective, classifier: Reference
     batch = cfg.eval.batch_size or cfg.train.micro_batch_size or max(1, cfg.train.global_batch_size // world)
     correct = torch.zeros(2, dtype=torch.float64)  # [correct, counted]
     batches = range(0, per_rank, batch)
-    for begin in tqdm(batches, desc="eval class_acc", disable=not dist.is_main or not cfg.train.progress, leave=False):
+    no_bar = not show_progress(dist.is_main and cfg.train.progress)
+    for begin in tqdm(batches, desc="eval class_acc", disable=no_bar, leave=False):
         count = min(batch, per_rank - begin)
         chosen = mine[begin:begin + count]
         valid = len(chosen)
-        if valid < count:  # pad with this rank's first sample; padded results are not counted
-            chosen = torch.cat([chosen, mine[:1].expand(count - valid)]) if len(mine) else torch.zeros(count, dtype=torch.long)
+        if valid < count:  # pad with a sample of the job; padded results are not counted
+            chosen = torch.cat([chosen, torch.zeros(count - valid, dtype=torch.long)])
         condition = text.label_kwargs(labels[chosen]) if text is not None else {}
         images = generate(model, objective, labels[chosen], seeds[chosen], cfg.eval.cfg_scale,
                           cfg.eval.sample_steps, cfg.diffusion.sampler, **condition)

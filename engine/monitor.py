@@ -39,6 +39,11 @@ def heatmap_image(values: torch.Tensor, cell: int = 12) -> np.ndarray:
     return np.repeat(np.repeat(rgb.round().astype(np.uint8), cell, 0), cell, 1)
 
 
+def show_progress(enabled: bool) -> bool:
+    """Progress bars only on an interactive console (log files get the record lines only)."""
+    return enabled and sys.stderr.isatty()
+
+
 def setup_logging(rank: int) -> None:
     """Python logging: the project's INFO messages on rank 0; warnings and errors from every rank."""
     logging.basicConfig(format="%(message)s" if rank == 0 else f"[rank {rank}] %(levelname)s %(message)s",
@@ -83,7 +88,7 @@ class Monitor:
         # purge_step hides events an earlier attempt wrote after the step this run starts from
         self.writer = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1)
         self.start_time = time.time()
-        if progress and sys.stderr.isatty():
+        if show_progress(progress):
             self.bar = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def step_done(self, step: int) -> None:
@@ -128,11 +133,11 @@ class Monitor:
             return None if v is None else float(v)
 
         parts = [f"step {step}/{self.max_steps}"]
-        for key, fmt in (("loss", "{:.4f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"),
+        for key, fmt in (("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "grad_norm {:.3f}"),
                          ("samples_per_sec", "{:.1f} samples/s"), ("eval/class_acc", "class_acc {:.3f}")):
             v = num(key)
             if v is not None:
-                parts.append(fmt.format(v) if key in ("samples_per_sec", "eval/class_acc") else f"{key} {fmt.format(v)}")
+                parts.append(fmt.format(v))
         rate = num("samples_per_sec")
         if rate:
             parts.append(f"ETA {_format_eta((self.max_steps - step) * self.global_batch / rate)}")

@@ -11,6 +11,8 @@ probability `model.text.caption_dropout`, drawn from the sample's global index (
 "label_drop" of `engine.rng`), so a step's global batch is the same whatever the world size.
 With `model.text.precomputed` the token states come from the shards (`text_emb`, `text_mask`,
 `text_pooled` of the loader); the encoder is loaded once to embed the empty prompt, then released.
+`engine/sample.py --prompts FILE` uses `prompts_for` (read and check the file), `prompts_of`
+(sample i gets prompt i mod P) and `log_prompt_grid` (the grid into the run's TensorBoard).
 """
 from __future__ import annotations
 

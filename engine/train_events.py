@@ -49,7 +49,8 @@ def mean_over_ranks(stats: dict[str, torch.Tensor], world_size: int) -> dict[str
 class TrainEvents:
     def __init__(self, cfg: Config, run: Path, dist: DistContext, engine: Any, ema: EMA, objective: Objective,
                  loader: Any, start_step: int, last_checkpoint: Path | None, text: TextConditioner | None = None):
-        self.cfg, self.dist, self.engine, self.ema, self.objective, self.loader = cfg, dist, engine, ema, objective, loader
+        self.cfg, self.dist, self.engine, self.ema = cfg, dist, engine, ema
+        self.objective, self.loader = objective, loader
         self.text = text  # text-conditioned models: grids and evaluation prompt with the digits captions
         self.model = engine.module
         self.last_checkpoint = last_checkpoint

@@ -94,7 +94,8 @@ class IntervalMeter:
         })
         for i in range(NUM_T_BUCKETS):
             if bucket_count[i] > 0:
-                out[f"loss_by_t/{i / NUM_T_BUCKETS:.1f}-{(i + 1) / NUM_T_BUCKETS:.1f}"] = float(bucket_loss[i] / bucket_count[i])
+                name = f"loss_by_t/{i / NUM_T_BUCKETS:.1f}-{(i + 1) / NUM_T_BUCKETS:.1f}"
+                out[name] = float(bucket_loss[i] / bucket_count[i])
         out.update(memory_stats(self.device))
         self.reset()
         return out

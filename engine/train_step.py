@@ -72,7 +72,8 @@ def train_step(engine: Any, objective: Objective, micro_batches: list[dict[str, 
     return applied
 
 
-def after_step(model: torch.nn.Module, step: int, applied: bool, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+def after_step(model: torch.nn.Module, step: int, applied: bool,
+               all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """MoE post-step hooks: router-bias balancing after an applied update; the schedule's step."""
     if applied:
         moe.update_router_biases(model, all_reduce_sum)

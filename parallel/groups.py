@@ -53,6 +53,9 @@ def _deepspeed_comm_ready() -> None:
         ds_comm.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
 
 
+_warned_cross_node: set[str] = set()
+
+
 def create_groups(ep_size: int) -> ExpertParallelGroups:
     """Create (once) and return this rank's EP and expert-DP groups; collective over all ranks."""
     if not dist.is_initialized():
@@ -72,7 +75,8 @@ def create_groups(ep_size: int) -> ExpertParallelGroups:
         raise RuntimeError(f"DeepSpeed built expert groups {ep_ranks} / {edp_ranks} for rank {rank}; expected "
                            "consecutive EP groups (is `use_data_before_expert_parallel_` set in the DeepSpeed config?)")
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-    if rank == 0 and ep_size > local_world:
+    if rank == 0 and ep_size > local_world and name not in _warned_cross_node:
+        _warned_cross_node.add(name)  # checkpoint save/load call this again: say it once
         log.warning("parallel.ep_size=%d exceeds the %d ranks of a node: the expert all-to-all crosses nodes",
                     ep_size, local_world)
     return ExpertParallelGroups(
