@@ -260,7 +260,7 @@ def build_text_encoder(text: TextConfig, device: torch.device | str = "cpu") -> 
         try:
             model = model_class.from_pretrained(path, local_files_only=True, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(text.tokenizer or path, local_files_only=True)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, ImportError) as e:  # ImportError: a slow-only tokenizer without its package
             raise TextEncoderError(f"model.text.path: cannot load {model_class.__name__} / tokenizer from "
                                    f"{text.tokenizer or path}: {str(e).splitlines()[0]}") from None
         if text.encoder == "clip" and text.max_length > model.config.max_position_embeddings:

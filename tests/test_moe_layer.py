@@ -295,3 +295,14 @@ def test_dit_with_each_moe_design_runs(overrides):
     layers = list(moe.moe_layers(model))
     assert layers and all(layer.stats["tokens_per_expert"].sum() > 0 for layer in layers)
     assert moe.average_activated_params(model) < sum(p.numel() for p in model.parameters())
+
+
+def test_routing_state_stays_fp32_when_the_model_is_cast_to_bf16():
+    layer = layer_of(16, routing="diffmoe", num_experts=4, expert_hidden=16).bfloat16()
+    tc = layer_of(16, routing="token_choice", router="sigmoid_bias", num_experts=4, expert_hidden=16).bfloat16()
+    assert layer.predictor.threshold.dtype == torch.float32 and layer.experts.w1.dtype == torch.bfloat16
+    assert tc.router.balance_bias.dtype == torch.float32 and tc.router.load.dtype == torch.float32
+    layer.train()
+    x, c, t = random_inputs(2, 8, 16, dtype=torch.bfloat16)
+    assert layer(x, c, t).dtype == torch.bfloat16
+    assert layer.predictor.threshold.dtype == torch.float32 and layer.predictor.threshold.abs().sum() > 0

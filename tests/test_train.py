@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from PIL import Image
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from engine.config import load_config, to_dict
@@ -75,7 +77,8 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
 def test_two_ranks_give_the_one_rank_loss_curve(tmp_path):
     """The same global batch of 8 on 1 process, on 2 DeepSpeed ranks (ZeRO-2) and on 2 torchrun
     ranks (ZeRO-1, micro-batch 2 x accumulation 2): equal per-step losses."""
-    common = TINY + ["train.max_steps=4", "train.lr=1e-3", "eval.num_samples=30", "eval.batch_size=4"]
+    common = TINY + ["train.max_steps=4", "train.lr=1e-3", "eval.num_samples=30", "eval.batch_size=4",
+                     "train.save_every=1", "train.ema_decay=0.5"]
     one = tmp_path / "one"
     run_train(QUICKSTART, common + [f"train.output_dir={one}"])
     reference = losses_by_step(one)
@@ -92,6 +95,19 @@ def test_two_ranks_give_the_one_rank_loss_curve(tmp_path):
             assert losses[step] == pytest.approx(loss, rel=1e-5), (name, step)
         # evaluation samples are seeded per sample: the same images, hence the same score
         assert class_acc(tmp_path / name) == class_acc(one)
+        assert_ema_tracks_full_weights(tmp_path / name, decay=0.5)
+
+
+def assert_ema_tracks_full_weights(run, decay: float) -> None:
+    """Under ZeRO each rank updates a partition; the EMA must follow the whole, gathered weights:
+    ema(4) = d ema(3) + (1 - d) w(4) for every tensor, w(4) being the saved fp32 weights."""
+    before = load_file(run / "checkpoints" / "step_0000003" / "dense.safetensors")
+    after = load_file(run / "checkpoints" / "step_0000004" / "dense.safetensors")
+    names = [k[len("ema/"):] for k in after if k.startswith("ema/")]
+    assert names
+    for name in names:
+        expected = decay * before[f"ema/{name}"] + (1 - decay) * after[f"model/{name}"]
+        torch.testing.assert_close(after[f"ema/{name}"], expected, rtol=1e-6, atol=1e-7)
 
 
 def class_acc(run) -> float:

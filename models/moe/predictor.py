@@ -12,9 +12,12 @@ import torch
 from torch import nn
 
 from models.moe import init
+from models.moe.state import Fp32Buffers
 
 
-class CapacityPredictor(nn.Module):
+class CapacityPredictor(Fp32Buffers):
+    fp32_buffers = ("threshold",)
+
     def __init__(self, dim: int, num_experts: int, block_index: int):
         super().__init__()
         self.fc1 = nn.Linear(dim, dim)

@@ -13,9 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.moe import init
+from models.moe.state import Fp32Buffers
 
 
-class Router(nn.Module):
+class Router(Fp32Buffers):
+    fp32_buffers = ("balance_bias", "load")
+
     def __init__(self, dim: int, num_experts: int, kind: str, init_std: float, block_index: int):
         super().__init__()
         if kind not in ("softmax", "sigmoid_bias"):
