@@ -3,6 +3,7 @@
     monitor = Monitor(run_dir, enabled=dist.is_main, max_steps=..., start_step=..., global_batch=...)
     monitor.log(step, {"loss": 0.12, "moe/block1/tokens_per_expert": tensor([...])})
     monitor.image("samples", grid_uint8_hwc, step)
+    monitor.text("eval/activated_params", markdown_table, step)
 
 A value is a number or a tensor: 0-d -> a scalar; 1-d -> one scalar per index (`key/i` in
 TensorBoard, a list in metrics.jsonl); 2-d -> a heatmap image in TensorBoard (rows x columns, e.g.
@@ -120,6 +121,12 @@ class Monitor:
         """A uint8 [H, W, 3] image (e.g. a sample grid) to TensorBoard."""
         if self.enabled:
             self.writer.add_image(tag, image, step, dataformats="HWC")
+            self.writer.flush()
+
+    def text(self, tag: str, markdown: str, step: int) -> None:
+        """Markdown (e.g. a table) to TensorBoard's Text tab."""
+        if self.enabled:
+            self.writer.add_text(tag, markdown, step)
             self.writer.flush()
 
     def print(self, message: str) -> None:

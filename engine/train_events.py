@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from engine.activated_params import activated_params_profile, supports_dynamic_inference, t_bucket_names
 from engine.digits_eval import ReferenceClassifier, class_accuracy
 from engine.monitor import Monitor
 from engine.run_dir import checkpoint_root, samples_dir
-from engine.sampling import generate, grid_labels_and_seeds, save_grid
+from engine.sampling import GRID_PER_CLASS, generate, grid_labels_and_seeds, save_grid
 from models import moe
 from parallel.checkpoint import save_checkpoint
 from parallel.expert_parallel import all_reduce_sum, comm_stats
@@ -46,6 +47,25 @@ def mean_over_ranks(stats: dict[str, torch.Tensor], world_size: int) -> dict[str
     return out
 
 
+class GridPixels:
+    """Model samples -> grid pixels in [-1, 1]: pixels as they are, latents decoded by the VAE of
+    `data.vae` (engine/sample.py's Decoder, loaded at the first grid)."""
+
+    def __init__(self, cfg: Config, device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.decoder: Any = None
+
+    def __call__(self, samples: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.data.latent:
+            return samples
+        if self.decoder is None:
+            from engine.sample import Decoder  # diffusers is imported only for latent models
+
+            self.decoder = Decoder(self.cfg, self.device)
+        pixels = torch.from_numpy(self.decoder(samples.to(self.device))).permute(0, 3, 1, 2)
+        return pixels.float() / 127.5 - 1.0  # exact: the grid maps these back to the same uint8
+
+
 class TrainEvents:
     def __init__(self, cfg: Config, run: Path, dist: DistContext, engine: Any, ema: EMA, objective: Objective,
                  loader: Any, start_step: int, last_checkpoint: Path | None, text: TextConditioner | None = None):
@@ -57,6 +77,7 @@ class TrainEvents:
         self.monitor = Monitor(run, dist.is_main, cfg.train.max_steps, start_step, cfg.train.global_batch_size,
                                cfg.train.progress)
         self._classifier = None
+        self.grid_pixels = GridPixels(cfg, dist.device)
         self._comm_bytes: dict[str, float] = {}  # training traffic since the last log record
         self.has_moe = next(moe.moe_layers(self.model), None) is not None
         if start_step:
@@ -83,7 +104,7 @@ class TrainEvents:
             if save:
                 self.save(step)
             if evaluate:
-                self.evaluate(step)
+                self.evaluate(step, final=final)
         comm_stats(self.model)  # sampling traffic is not training traffic: drop it
 
     def _drain_training_comm(self) -> None:
@@ -106,8 +127,8 @@ class TrainEvents:
         self.monitor.log(step, values)
 
     def sample_grid(self, step: int) -> None:
-        if self.model.in_channels not in (1, 3):
-            return  # latent models: grids come from engine/sample.py, which decodes with the VAE
+        if self.cfg.data.latent and not self.cfg.data.vae:
+            return  # pre-encoded latents without the VAE: nothing to decode them with
         if self.text is not None and self.cfg.data.source != "digits":
             return  # caption models: grids come from engine/sample.py --prompts
         labels, seeds, nrow = grid_labels_and_seeds(self.cfg.model.num_classes)
@@ -116,16 +137,39 @@ class TrainEvents:
             images = generate(self.model, self.objective, labels, seeds, self.cfg.eval.cfg_scale,
                               self.cfg.eval.sample_steps, self.cfg.diffusion.sampler, **condition)
         if self.dist.is_main:
-            grid = save_grid(images, samples_dir(self.cfg) / f"step_{step:07d}.png", nrow)
+            grid = save_grid(self.grid_pixels(images), samples_dir(self.cfg) / f"step_{step:07d}.png", nrow)
             self.monitor.image("samples/ema", grid, step)
 
-    def evaluate(self, step: int) -> None:
+    def evaluate(self, step: int, final: bool = False) -> None:
         if self._classifier is None:
             self._classifier = ReferenceClassifier.fit(self.cfg)
         with self.ema.applied_to(self.model):
             acc = class_accuracy(self.model, self.objective, self._classifier, self.cfg, self.dist, all_reduce_sum,
                                  self.text)
-        self.monitor.log(step, {"eval/class_acc": acc})
+            profile = self.activated_params(step) if final and supports_dynamic_inference(self.model) else {}
+        self.monitor.log(step, {"eval/class_acc": acc, **profile})
+
+    def activated_params(self, step: int) -> dict[str, Any]:
+        """DiffMoE at the end of training: dynamic inference's average activated parameters per
+        timestep bucket and per class (`eval/activated_params*`, plus a table in the Text tab)."""
+        e = self.cfg.eval
+        profile = activated_params_profile(self.model, self.objective, self.cfg.model.num_classes, GRID_PER_CLASS,
+                                           e.cfg_scale, e.sample_steps, self.cfg.diffusion.sampler,
+                                           self.cfg.model.moe.threshold_shift, self.text)
+        profile = mean_over_ranks(profile, self.dist.world_size)
+        values: dict[str, Any] = {"eval/activated_params": float(profile["mean"]),
+                                  "eval/activated_params_by_class": profile["by_class"]}
+        rows = []
+        for name, v in zip(t_bucket_names(), profile["by_t"].tolist()):
+            if v == v:  # buckets no sampler step fell in are NaN: left out
+                values[f"eval/activated_params_by_t/{name}"] = v
+                rows.append(f"| t {name} | {v / 1e6:.4f} |")
+        rows += [f"| class {c} | {v / 1e6:.4f} |" for c, v in enumerate(profile["by_class"].tolist())]
+        shift = self.cfg.model.moe.threshold_shift
+        self.monitor.text("eval/activated_params", f"Dynamic inference (threshold_shift {shift}), average activated "
+                          f"params per token: {float(profile['mean']) / 1e6:.4f} M\n\n| | M params |\n| --- | --- |\n"
+                          + "\n".join(rows), step)
+        return values
 
     def save(self, step: int) -> None:
         state = {"step": step, "data": self.loader.state_dict()}
