@@ -70,22 +70,25 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel: str, mask:
     return math_attention(q, k, v, mask)
 
 
-def _check_kernel(dim: int, num_heads: int, kernel: str) -> None:
-    if dim % num_heads:
-        raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
-    if kernel not in ("sdpa", "math"):
-        raise ValueError(f"unknown attention kernel {kernel!r} (known: 'sdpa', 'math')")
+class _Heads(nn.Module):
+    """What both attentions share: the head split and the kernel choice."""
 
-
-class Attention(nn.Module):
-    """Self-attention over the token sequence: qkv projection, heads, kernel, output projection."""
-
-    def __init__(self, dim: int, num_heads: int, kernel: Literal["sdpa", "math"] = "sdpa"):
+    def __init__(self, dim: int, num_heads: int, kernel: str):
         super().__init__()
-        _check_kernel(dim, num_heads, kernel)
+        if dim % num_heads:
+            raise ValueError(f"hidden size {dim} is not divisible by num_heads {num_heads}")
+        if kernel not in ("sdpa", "math"):
+            raise ValueError(f"unknown attention kernel {kernel!r} (known: 'sdpa', 'math')")
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.kernel = kernel
+
+
+class Attention(_Heads):
+    """Self-attention over the token sequence: qkv projection, heads, kernel, output projection."""
+
+    def __init__(self, dim: int, num_heads: int, kernel: Literal["sdpa", "math"] = "sdpa"):
+        super().__init__(dim, num_heads, kernel)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
@@ -105,16 +108,12 @@ class Attention(nn.Module):
         return 2.0 * (projections + scores_and_values)
 
 
-class CrossAttention(nn.Module):
+class CrossAttention(_Heads):
     """Image tokens [B, N, d] attend to context tokens [B, L, d] (projected text states); keys of
     padding tokens (`mask` False) are excluded. No position encoding: the text encoder has its own."""
 
     def __init__(self, dim: int, num_heads: int, kernel: Literal["sdpa", "math"] = "sdpa"):
-        super().__init__()
-        _check_kernel(dim, num_heads, kernel)
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.kernel = kernel
+        super().__init__(dim, num_heads, kernel)
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)

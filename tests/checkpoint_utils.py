@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -66,13 +68,25 @@ def reference_state(engine, ema) -> dict[str, torch.Tensor]:
     # expert group has any state; link again so its accessor can serve as the reference for every group.
     engine.optimizer._hp_optimizer_states_linked = False
     engine.optimizer._lazy_init_hp_params_optimizer_state()
+
+    def full(t: torch.Tensor, key: str | None) -> torch.Tensor | None:
+        if not (isinstance(t, torch.nn.Parameter) and t.requires_grad):
+            return None
+        return (safe_get_full_fp32_param(t) if key is None else safe_get_full_optimizer_state(t, key)).cpu()
+
+    return state_snapshot(engine, ema, full)
+
+
+def state_snapshot(engine, ema, full: Callable[[torch.Tensor, str | None], torch.Tensor | None]) -> dict[str, torch.Tensor]:
+    """The tensors of `reference_state`, with whole master weights (`key` None) and Adam moments read by
+    `full(param, key)` (None for a tensor the optimizer does not manage)."""
     out: dict[str, torch.Tensor] = {}
     for name, t in engine.module.state_dict(keep_vars=True).items():
         out[f"model/{name}"] = t.detach().cpu().clone()
-        if isinstance(t, torch.nn.Parameter) and t.requires_grad:
-            out[f"master/{name}"] = safe_get_full_fp32_param(t).cpu()
+        if (master := full(t, None)) is not None:
+            out[f"master/{name}"] = master
             for key in ("exp_avg", "exp_avg_sq"):
-                out[f"{key}/{name}"] = safe_get_full_optimizer_state(t, key).cpu()
+                out[f"{key}/{name}"] = full(t, key)
     out.update({f"ema/{k}": v.cpu().clone() for k, v in ema.state_dict().items()})
     base = engine.optimizer.optimizer
     out["adam_step"] = torch.tensor([float(base.state[p]["step"]) for g in base.param_groups for p in g["params"]])

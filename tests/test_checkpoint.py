@@ -12,24 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.checkpoint_utils import build_engine, mismatches, reference_state, train_step
-from tests.dist_utils import DistributedPool
+from tests.checkpoint_utils import build_engine, mismatches, reference_state, state_snapshot, train_step
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def pools():
-    made: dict[int, DistributedPool] = {}
-
-    def get(world: int) -> DistributedPool:
-        if world not in made:
-            made[world] = DistributedPool(world)
-        return made[world]
-
-    yield get
-    for pool in made.values():
-        pool.close()
 
 
 # ------------------------------------------------------------------------------ rank functions
@@ -110,19 +95,7 @@ def _loaded_state(overrides: list[str], path: str) -> dict[str, torch.Tensor]:
     cfg, engine, ema = build_engine(overrides, seed=1)
     load_checkpoint(Path(path), engine, ema, cfg)
     zero = ZeroOptimizerState(engine)
-    out: dict[str, torch.Tensor] = {}
-    for name, t in engine.module.state_dict(keep_vars=True).items():
-        out[f"model/{name}"] = t.detach().cpu().clone()
-        if zero.manages(t):
-            out[f"master/{name}"] = zero.gather(t, None)
-            for key in ("exp_avg", "exp_avg_sq"):
-                out[f"{key}/{name}"] = zero.gather(t, key)
-    out.update({f"ema/{k}": v.cpu().clone() for k, v in ema.state_dict().items()})
-    base = engine.optimizer.optimizer
-    out["adam_step"] = torch.tensor([float(base.state[p]["step"]) for g in base.param_groups for p in g["params"]])
-    out["lr"] = torch.tensor([g["lr"] for g in engine.optimizer.param_groups])
-    out["counters"] = torch.tensor([engine.global_steps, engine.global_samples, engine.micro_steps])
-    return out
+    return state_snapshot(engine, ema, lambda t, key: zero.gather(t, key) if zero.manages(t) else None)
 
 
 def _load_error(overrides: list[str], path: str) -> str:

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from models.moe.dispatcher import LocalDispatcher, RoutingPlan
-from tests.dist_utils import DistributedPool
 
 pytestmark = pytest.mark.slow
 
@@ -89,14 +88,6 @@ def remote_pairs(mask: torch.Tensor, rank: int, ep_size: int) -> int:
     own = mask[rank * T:(rank + 1) * T].view(T, ep_size, EXPERTS_PER_RANK).any(-1)
     own[:, rank % ep_size] = False
     return int(own.sum())
-
-
-@pytest.fixture(scope="module")
-def pools():
-    made: dict[int, DistributedPool] = {}
-    yield lambda world: made.setdefault(world, DistributedPool(world))
-    for p in made.values():
-        p.close()
 
 
 @pytest.mark.parametrize("world,ep_size", [(2, 2), (4, 4), (4, 2)])

@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from models.moe.pool import LocalPool
-from tests.dist_utils import DistributedPool
 
 pytestmark = pytest.mark.slow
 
@@ -88,20 +87,6 @@ def cases_for(world: int, ep_size: int) -> list[tuple]:
     ks = [1, 5, pool // E, pool - 1, pool, pool + 3]
     return [(scope, selection, kind, k, T)
             for scope in ("ep_group", "world") for selection in ("radix", "gather") for kind in KINDS for k in ks]
-
-
-@pytest.fixture(scope="module")
-def pools():
-    made: dict[int, DistributedPool] = {}
-
-    def get(world: int) -> DistributedPool:
-        if world not in made:
-            made[world] = DistributedPool(world)
-        return made[world]
-
-    yield get
-    for p in made.values():
-        p.close()
 
 
 @pytest.mark.parametrize("world,ep_size", [(2, 2), (4, 2)])
