@@ -79,9 +79,11 @@ class Settings:
 
     def overrides(self, model: str, seed: int) -> list[str]:
         return MODELS[model] + [
-            f"name=ablation_{model.lower()}_s{seed}", f"train.seed={seed}", f"train.output_dir={self.run_dir(model, seed)}",
+            f"name=ablation_{model.lower()}_s{seed}", f"train.seed={seed}",
+            f"train.output_dir={self.run_dir(model, seed)}",
             f"train.max_steps={self.steps}", f"train.global_batch_size={self.batch}", "train.micro_batch_size=0",
-            f"train.warmup_steps={max(1, self.steps // 10)}", f"train.ema_decay={ema_decay(self.steps):.6f}", f"train.log_every={max(1, self.steps // 10)}",
+            f"train.warmup_steps={max(1, self.steps // 10)}", f"train.ema_decay={ema_decay(self.steps):.6f}",
+            f"train.log_every={max(1, self.steps // 10)}",
             "train.sample_every=0", f"train.save_every={self.steps}", "train.resume=", "train.progress=false",
             f"eval.num_samples={self.eval_samples}", f"eval.sample_steps={self.sample_steps}", "eval.every=0",
             "data.num_workers=0",
@@ -155,7 +157,8 @@ def table(results: dict[str, list[dict[str, float]]], settings: Settings, quick:
     lines = [
         f"{'Quick mode' if quick else 'Default mode'} (`python benchmarks/ablation.py{' --quick' if quick else ''}`): "
         f"configs/quickstart.yaml's DiT (depth 4, width 128, patch 2, digits 8x8), {settings.steps} steps at global "
-        f"batch {settings.batch} (lr 1e-3, EMA decay {ema_decay(settings.steps):.4f}), {settings.seeds} seeds per model ({settings.jobs} runs at a time, one thread each), MoE = E4 full-width experts in every other block "
+        f"batch {settings.batch} (lr 1e-3, EMA decay {ema_decay(settings.steps):.4f}), {settings.seeds} seeds per "
+        f"model ({settings.jobs} runs at a time, one thread each), MoE = E4 full-width experts in every other block "
         f"at 1 expert per token. `class_acc`: {settings.eval_samples} EMA samples, {settings.sample_steps} Euler "
         f"steps, cfg 2. FID: 8x8-pixel-feature FID (64-d) of as many EMA samples as held-out digits "
         f"({settings.sample_steps} steps, static inference) vs the held-out split. Lower loss / FID and higher "
@@ -181,7 +184,8 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help=f"fewer steps and seeds: {QUICK}")
     p.add_argument("--seeds", type=int, help=f"seeds per model (default {DEFAULT['seeds']}; quick {QUICK['seeds']})")
-    p.add_argument("--steps", type=int, help=f"training steps per run (default {DEFAULT['steps']}; quick {QUICK['steps']})")
+    p.add_argument("--steps", type=int,
+                   help=f"training steps per run (default {DEFAULT['steps']}; quick {QUICK['steps']})")
     p.add_argument("--jobs", type=int, default=2, help="runs side by side (one thread each)")
     p.add_argument("--out", type=Path, default=REPO / "runs" / "ablation", help="parent of the run directories")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of " + ", ".join(MODELS))
