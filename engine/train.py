@@ -32,7 +32,7 @@ from models.diffusion import build_diffusion
 from parallel.checkpoint import CheckpointError, load_checkpoint, resolve_resume
 from parallel.expert_parallel import all_reduce_sum, attach_expert_parallel, optimizer_param_groups
 from parallel.groups import create_groups
-from parallel.zero import batch_layout, check_zero_stage, init_distributed, initialize_engine
+from parallel.zero import batch_layout, check_zero_stage, init_distributed, initialize_engine, shutdown_distributed
 
 
 class NonFiniteStop(RuntimeError):
@@ -91,8 +91,10 @@ def train(cfg: Config) -> None:
                           update_skipped=not applied)
         if preempted:
             events.close()
+            shutdown_distributed()
             raise SystemExit(preemption.exit_code)
     events.close(finished=True)
+    shutdown_distributed()
 
 
 def main(argv: list[str] | None = None) -> None:

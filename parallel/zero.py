@@ -90,6 +90,16 @@ def init_distributed(cfg: Config) -> DistContext:
     return DistContext(rank, world_size, local_rank, local_world_size, device, backend)
 
 
+def shutdown_distributed() -> None:
+    """Leave the process group together: tearing gloo/NCCL down at interpreter exit instead can abort
+    a finished rank ("terminate called without an active exception") and fail the launcher."""
+    import torch.distributed as torch_dist
+
+    if torch_dist.is_initialized():
+        torch_dist.barrier()
+        torch_dist.destroy_process_group()
+
+
 def _skip_cpu_inference_all_reduce() -> None:
     """On CPU, DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce when the process
     group starts; only `inference_all_reduce` (tensor-parallel inference) uses it. Loading it costs
