@@ -28,29 +28,23 @@ def text_meta(path: str | Path, max_length: int) -> dict:
 
 
 class TextEmbedder:
-    """Token states of the last layer (real tokens only) and a pooled vector per caption:
-    CLIP's pooler output (the end-of-text token), for T5 the mean over the real tokens."""
+    """Stored caption embeddings, computed by the trainer's own frozen encoder (`models.text`), so
+    precomputed and live embeddings agree by construction: last-layer states of the real tokens and
+    the pooled vector (CLIP's pooler output, the mean over real tokens for T5)."""
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", max_length: int = 77):
-        from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+        from engine.config import TextConfig
+        from models.text import TextEncoderError, build_text_encoder
 
         self.meta = text_meta(path, max_length)
-        self.device, self.max_length = torch.device(device), max_length
-        self.is_clip = self.meta["type"] == "clip"
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        model_class = CLIPTextModel if self.is_clip else T5EncoderModel
-        self.model = model_class.from_pretrained(path).to(self.device).eval().requires_grad_(False)
+        try:
+            self.encoder = build_text_encoder(TextConfig(encoder=self.meta["type"], path=str(path), max_length=max_length),
+                                              device)
+        except TextEncoderError as e:
+            raise DataError(f"--text-encoder {path}: {e}") from None
 
-    @torch.no_grad()
     def embed(self, captions: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per caption: (token states float16 [n_tokens, D], pooled float16 [D])."""
-        tokens = self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length,
-                                return_tensors="pt").to(self.device)
-        out = self.model(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
-        states, mask = out.last_hidden_state.float(), tokens["attention_mask"].bool()
-        if self.is_clip:
-            pooled = out.pooler_output.float()
-        else:
-            pooled = (states * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        return [(states[i, mask[i]].cpu().numpy().astype(np.float16), pooled[i].cpu().numpy().astype(np.float16))
-                for i in range(len(captions))]
+        out = self.encoder(captions)
+        return [(out.tokens[i, out.mask[i]].cpu().numpy().astype(np.float16),
+                 out.pooled[i].cpu().numpy().astype(np.float16)) for i in range(len(captions))]
