@@ -25,7 +25,6 @@ if "--no-thp" not in sys.argv:
 
 import argparse
 import json
-import socket
 import statistics
 import time
 from dataclasses import dataclass
@@ -72,10 +71,9 @@ def init_single_rank_gloo() -> None:
 
     if dist.is_initialized():
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    from parallel.zero import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
 
 
 def moe_layer(d: int, **kw) -> MoELayer:

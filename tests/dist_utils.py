@@ -17,20 +17,15 @@ from __future__ import annotations
 import datetime
 import os
 import queue
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch.multiprocessing as mp
 
+from parallel.zero import free_port
+
 COLLECTIVE_TIMEOUT_S = 60  # a rank stuck in a collective gives up after this long
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world_size: int, port: int, tasks: Any, results: Any) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.ablation import CONFIG, MODELS, Settings, heldout_statistics, pixel_fid
+from benchmarks.ablation import CONFIG, Settings, heldout_statistics, pixel_fid
 from engine.config import load_config
 from engine.data import load_digits_split
 from engine.params import count_params

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from engine.export import FORMAT
 from engine.sample import (SampleError, check_settings, labels_of, parse_classes, rank_batches, read_png,
                            seeds_of)
 from models import build_model
+from parallel.zero import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["name=tiny", "model.depth=2", "model.hidden_size=32", "model.num_heads=2", "model.input_size=8",
@@ -95,12 +95,6 @@ def tiny_vae(path: Path) -> None:
     AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8), layers_per_block=1,
                   latent_channels=4, norm_num_groups=4, sample_size=8).save_pretrained(path)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(world_size: int, args: list[str]) -> list[subprocess.Popen]:

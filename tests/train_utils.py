@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from parallel.zero import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = str(REPO / "engine" / "train.py")
@@ -27,12 +28,6 @@ TINY = [
     "train.save_every=0", "train.sample_every=0", "train.progress=false", "train.resume=", "train.warmup_steps=0",
     "eval.num_samples=0", "eval.sample_steps=2", "data.num_workers=0",
 ]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:

@@ -19,7 +19,6 @@ After each forward: `aux_loss` (weighted TC balance loss + predictor BCE, 0 when
 """
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING
 
 import torch
