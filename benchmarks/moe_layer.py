@@ -10,20 +10,27 @@ machine hits both sides alike. Ratios are taken on the process CPU time (one thr
 work done, not the waits for a core that other processes hold); wall-clock ratios are shown too. Writes the `moe_layer` section of benchmarks/RESULTS.md; the last line
 is JSON {"d", "E", "tokens", "diffmoe_vs_dense", "deepspeed_vs_dense", ...} of the S-size case.
 
-CPU note: expert weight gradients are E times the size of a dense FFN's; glibc returns such large
-blocks to the kernel on free, so every backward would page-fault them in again (a cost a GPU caching
-allocator does not have). The benchmark sets PyTorch's THP_MEM_ALLOC_ENABLE=1 (huge pages for large
-CPU tensors) for every case alike; `--no-thp` measures without it.
+Each case's matmul FLOPs of one iteration are counted by torch's FlopCounterMode, so the table also
+shows the FLOP ratio to the reference: the floor no implementation of that case can go below
+(DiffMoE also trains its capacity predictor, ~9% of a dense FFN's FLOPs at d=384, E=16).
+
+CPU note: expert weight gradients are E times the size of a dense FFN's; glibc hands blocks over
+32 MiB straight back to the kernel on free, so every backward would page-fault (and zero) them in
+again, a cost a GPU caching allocator does not have. The benchmark therefore keeps freed memory in
+the process (glibc mallopt: no mmap, no trim) and sets PyTorch's THP_MEM_ALLOC_ENABLE=1 (huge pages
+for large CPU tensors), for every case alike; `--stock-allocator` measures without either.
 """
 from __future__ import annotations
 
 import os
 import sys
 
-if "--no-thp" not in sys.argv:
+if "--stock-allocator" not in sys.argv:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # read by torch's CPU allocator at first use
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import statistics
 import time
@@ -35,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula  # noqa: E402
 
 from benchmarks.results import update_results  # noqa: E402
 from engine.config import ModelConfig, MoEConfig  # noqa: E402
@@ -54,6 +62,22 @@ class Case:
     reference: str  # name of the dense case of equal activated FLOPs
     note: str
     call: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@register_flop_formula(torch.ops.aten._grouped_mm)
+def _grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """[R, i] x [E, i, o] and [i, R] x [R, o] (per-expert blocks): 2 * rows * i * o either way."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[-1]
+
+
+def keep_freed_memory() -> bool:
+    """glibc: serve every allocation from the heap and never give it back (M_MMAP_MAX = 0,
+    M_TRIM_THRESHOLD = max), as a caching allocator would. False when libc is not glibc."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if not hasattr(libc, "mallopt"):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def ours(module, x, c, t):
@@ -114,18 +138,29 @@ def build_cases(d: int, experts: int) -> list[Case]:
     return cases
 
 
-def step(case: Case, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor, grad: torch.Tensor) -> tuple[float, float]:
-    """-> (CPU seconds of this process, wall seconds) of one training iteration."""
+def iteration(case: Case, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor, grad: torch.Tensor) -> None:
+    """One training iteration: gradients reset, forward, backward of a random cotangent + aux loss."""
     for p in case.module.parameters():
         p.grad = None
     x.grad = None
-    cpu, wall = time.process_time(), time.perf_counter()
     out, aux = case.call(case.module, x, c, t)
     loss = (out * grad).sum()
     if aux is not None and aux.requires_grad:
         loss = loss + aux
     loss.backward()
+
+
+def step(case: Case, *inputs: torch.Tensor) -> tuple[float, float]:
+    """-> (CPU seconds of this process, wall seconds) of one training iteration."""
+    cpu, wall = time.process_time(), time.perf_counter()
+    iteration(case, *inputs)
     return time.process_time() - cpu, time.perf_counter() - wall
+
+
+def count_flops(case: Case, *inputs: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter:
+        iteration(case, *inputs)
+    return counter.get_total_flops()
 
 
 def measure(size: str, batch: int, rounds: int, warmup: int = 2) -> tuple[str, dict]:
@@ -135,6 +170,7 @@ def measure(size: str, batch: int, rounds: int, warmup: int = 2) -> tuple[str, d
     x = torch.randn(batch, TOKENS_PER_SAMPLE, d, generator=g).requires_grad_()
     c, t = torch.randn(batch, d, generator=g), torch.rand(batch, generator=g)
     grad = torch.randn(batch, TOKENS_PER_SAMPLE, d, generator=g)
+    flops = {case.name: count_flops(case, x, c, t, grad) for case in cases}
     cpu: dict[str, list[float]] = {case.name: [] for case in cases}
     wall: dict[str, list[float]] = {case.name: [] for case in cases}
     for r in range(warmup + rounds):
@@ -150,13 +186,16 @@ def measure(size: str, batch: int, rounds: int, warmup: int = 2) -> tuple[str, d
         return statistics.median(a / b for a, b in zip(times[case.name], times[case.reference]))
 
     ratios = {case.name: ratio(cpu, case) for case in cases}
+    flop_ratios = {case.name: flops[case.name] / flops[case.reference] for case in cases}
     rows = [f"| {case.name} | {statistics.median(cpu[case.name]) * 1e3:.1f} | {min(cpu[case.name]) * 1e3:.1f} | "
-            f"**{ratios[case.name]:.2f}** × {case.reference} | {ratio(wall, case):.2f} | {case.note} |" for case in cases]
+            f"**{ratios[case.name]:.2f}** × {case.reference} | {ratio(wall, case):.2f} | {flop_ratios[case.name]:.3f} | "
+            f"{flop_ratios[case.name] / ratios[case.name]:.0%} | {case.note} |" for case in cases]
     table = (f"**{size}**: d={d}, E={experts}, {batch * TOKENS_PER_SAMPLE} tokens ({batch} × {TOKENS_PER_SAMPLE}), "
              f"fp32, {torch.get_num_threads()} thread(s), {rounds} interleaved rounds\n\n"
-             "| case | median CPU ms | min CPU ms | ratio (CPU time) | ratio (wall) | what |\n|---|---|---|---|---|---|\n"
+             "| case | median CPU ms | min CPU ms | ratio (CPU time) | ratio (wall) | FLOP ratio | FLOP ratio ÷ time ratio "
+             "| what |\n|---|---|---|---|---|---|---|---|\n"
              + "\n".join(rows))
-    return table, {"d": d, "E": experts, "tokens": batch * TOKENS_PER_SAMPLE, **{k: round(v, 3) for k, v in ratios.items()}}
+    return table, {"d": d, "E": experts, "tokens": batch * TOKENS_PER_SAMPLE, "ratios": ratios, "flop_ratios": flop_ratios}
 
 
 def main() -> None:
@@ -164,36 +203,42 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the S-size, 2048-token case only")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: least disturbed by other load)")
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--no-thp", action="store_true", help="measure without huge pages for large CPU tensors")
+    parser.add_argument("--stock-allocator", action="store_true",
+                        help="measure with glibc's and PyTorch's default CPU allocation (no cached heap, no huge pages)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    cached = not args.stock_allocator and keep_freed_memory()
     sections, headline = [], {}
     for i, (size, batch) in enumerate(RUNS[:1] if args.quick else RUNS):
-        table, ratios = measure(size, batch, args.rounds)
+        table, measured = measure(size, batch, args.rounds)
         sections.append(table)
         print(table)
         if i == 0:
-            headline = ratios
-    thp = "off" if args.no_thp else "on"
+            headline = measured
+    ratios, flop_ratios = headline["ratios"], headline["flop_ratios"]
     d, experts, tokens = headline["d"], headline["E"], headline["tokens"]
     expert_mb = experts * 2 * d * 4 * d * 4 / 2**20
     why = (f"Where the time goes: at equal FLOPs each of the {experts} experts' weights serves only "
-           f"{tokens // experts} tokens per step (the dense FFN's: {tokens}), so reading the {expert_mb:.0f} MiB of "
-           f"expert weights (forward and backward) and writing their gradients is memory traffic a "
-           f"{expert_mb / experts:.1f} MiB dense FFN does not have; it shrinks as tokens per expert grow (the "
-           f"{4 * tokens}-token rows, a per-GPU micro-batch of the papers' batch 256 on 8 GPUs). DiffMoE also "
-           "trains its capacity predictor (Linear(d, d) -> SiLU -> Linear(d, E), ~8% of the layer's FLOPs); "
-           "`diffmoe, no predictor` isolates the routing itself.")
+           f"{tokens // experts} tokens per step (the dense FFN's: {tokens}), so every expert matmul re-reads and "
+           f"re-packs its weight block for few rows: the {expert_mb:.0f} MiB of expert weights stream from memory "
+           f"(forward and backward) and their gradients are written, traffic a {expert_mb / experts:.1f} MiB dense "
+           f"FFN that stays in cache does not have; it shrinks as tokens per expert grow (the {4 * tokens}-token "
+           "rows, a per-GPU micro-batch of the papers' batch 256 on 8 GPUs). DiffMoE also trains its capacity "
+           "predictor (Linear(d, d) -> SiLU -> Linear(d, E) on every token, forward and weight gradients): at "
+           f"d={d}, E={experts} that is {flop_ratios['diffmoe'] - flop_ratios['diffmoe, no predictor']:.3f} of the "
+           f"dense FFN's FLOPs, so the DiffMoE layer cannot cost less than {flop_ratios['diffmoe']:.3f}x the dense "
+           "FFN of equal activated FLOPs on any hardware; `diffmoe, no predictor` isolates the routing itself.")
+    allocator = "cached heap + huge pages" if cached else "stock"
     update_results("moe_layer", f"`python benchmarks/moe_layer.py{' --quick' if args.quick else ''}` "
-                   f"(THP_MEM_ALLOC_ENABLE {thp}). Forward + backward of one training iteration.\n\n"
+                   f"(CPU allocator: {allocator}). Forward + backward of one training iteration.\n\n"
                    + "\n\n".join(sections) + ("" if args.quick else "\n\n" + why))
-    print(json.dumps({"d": headline["d"], "E": headline["E"], "tokens": headline["tokens"],
-                      "diffmoe_vs_dense": headline["diffmoe"], "deepspeed_vs_dense": headline.get("deepspeed top-1"),
-                      "deepspeed_top2_vs_dense": headline.get("deepspeed top-2"),
-                      "diffmoe_no_predictor_vs_dense": headline["diffmoe, no predictor"],
-                      "expert_choice_vs_dense": headline["expert_choice"],
-                      "token_choice_top1_vs_dense": headline["token_choice top-1"],
-                      "token_choice_top2_vs_dense": headline["token_choice top-2"], "thp": thp == "on"}))
+    summary = {"d": d, "E": experts, "tokens": tokens, "diffmoe_vs_dense": ratios["diffmoe"],
+               "deepspeed_vs_dense": ratios.get("deepspeed top-1"), "deepspeed_top2_vs_dense": ratios.get("deepspeed top-2"),
+               "diffmoe_no_predictor_vs_dense": ratios["diffmoe, no predictor"],
+               "expert_choice_vs_dense": ratios["expert_choice"], "token_choice_top1_vs_dense": ratios["token_choice top-1"],
+               "token_choice_top2_vs_dense": ratios["token_choice top-2"],
+               "diffmoe_flops_vs_dense": flop_ratios["diffmoe"], "allocator": allocator}
+    print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()}))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 from engine.config import ModelConfig, MoEConfig, load_config
 from models import build_model, moe
-from models.moe.grouped_mm import _GroupedMM, _grouped_mm_supported, _padded_mm, grouped_mm
+from models.moe.grouped_mm import _grouped_mm_supported, _Groups, grouped_linear
 from models.moe.layer import MoELayer
 
 torch.set_num_threads(1)
@@ -25,7 +25,7 @@ def layer_of(d: int = 2, **moe_kw) -> MoELayer:
 def expert_reference(layer: MoELayer, e: int, x: torch.Tensor) -> torch.Tensor:
     """Expert e of a plain GELU bank applied to one token, written out independently."""
     ex = layer.experts
-    return F.gelu(x @ ex.w1[e] + ex.b1[e], approximate="tanh") @ ex.w2[e] + ex.b2[e]
+    return F.gelu(x @ ex.w1[e] + ex.b1[e], approximate="tanh") @ ex.w2[e].t() + ex.b2[e]
 
 
 def per_token_reference(layer: MoELayer, x: torch.Tensor, pairs: dict[int, list[int]], weights: torch.Tensor) -> torch.Tensor:
@@ -127,7 +127,7 @@ def test_gradcheck_float64(variant):
             if "ada_up" in name:
                 p.normal_(0, 0.3)
     x, c, t = random_inputs(2, 4, 4, dtype=torch.float64)
-    checked = ("router.weight", "experts.w1", "experts.w2", "experts.ada_up", "experts.ada_down",
+    checked = ("router.weight", "experts.w1", "experts.w2", "experts.b1", "experts.b2", "experts.ada_up", "experts.ada_down",
                "recalibration.up.weight", "spatial.conv.weight", "shared.ffn.w2")
     names = [n for n, _ in layer.named_parameters() if n in checked]
     params = [p.detach().clone().requires_grad_() for n, p in layer.named_parameters() if n in checked]
@@ -140,22 +140,40 @@ def test_gradcheck_float64(variant):
     assert torch.autograd.gradcheck(fn, (x.requires_grad_(), c.requires_grad_(), *params), eps=1e-6, atol=1e-5)
 
 
-def test_grouped_mm_paths_agree_with_unequal_and_empty_groups():
-    counts = [3, 0, 5, 1]
-    x = torch.randn(9, 8, requires_grad=True)
-    w = torch.randn(4, 8, 12, requires_grad=True)  # widths of 16-byte multiples: _grouped_mm's rule
-    g = torch.randn(9, 12)
-    ref = torch.cat([x[s:s + n] @ w[e] for e, (s, n) in enumerate(zip([0, 3, 3, 8], counts))])
-    gx, gw = torch.autograd.grad((ref * g).sum(), (x, w))
-    paths = [lambda: _padded_mm(x, w, counts), lambda: grouped_mm(x, w, counts)]
-    if _grouped_mm_supported(x.device, x.dtype):
-        offs = torch.tensor([3, 3, 8, 9], dtype=torch.int32)
-        paths.append(lambda: _GroupedMM.apply(x, w, offs))
-    for path in paths:
-        y = path()
-        assert torch.allclose(y, ref, atol=1e-5)
-        px, pw = torch.autograd.grad((y * g).sum(), (x, w))
-        assert torch.allclose(px, gx, atol=1e-4) and torch.allclose(pw, gw, atol=1e-4)
+@pytest.mark.parametrize("counts, dtype, kind", [([3, 3, 3, 3], torch.float32, "equal"),
+                                                  ([3, 0, 5, 1], torch.float32, "grouped"),
+                                                  ([3, 0, 5, 1], torch.float64, "padded")])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_grouped_linear_kernels_match_a_per_expert_loop(counts, dtype, kind, transposed):
+    if kind == "grouped" and not _grouped_mm_supported(torch.device("cpu"), dtype):
+        pytest.skip("torch._grouped_mm is not available in this build")
+    rows, starts = sum(counts), [sum(counts[:e]) for e in range(len(counts))]
+    x = torch.randn(rows, 8, dtype=dtype, requires_grad=True)  # widths of 16-byte multiples: _grouped_mm's rule
+    # a transposed weight is the view of an [E, o, i] parameter, as the experts' w2 is
+    param = torch.randn(4, 12, 8, dtype=dtype) if transposed else torch.randn(4, 8, 12, dtype=dtype)
+    param.requires_grad_()
+    w = param.transpose(1, 2) if transposed else param
+    bias = torch.randn(4, 12, dtype=dtype, requires_grad=True)
+    g = torch.randn(rows, 12, dtype=dtype)
+    assert _Groups(counts, x, w).kind == kind
+    ref = torch.cat([x[s:s + n] @ w[e] + bias[e] for e, (s, n) in enumerate(zip(starts, counts))])
+    ref_grads = torch.autograd.grad((ref * g).sum(), (x, param, bias))
+    y = grouped_linear(x, w, bias, counts)
+    assert torch.allclose(y, ref, atol=1e-5)
+    grads = torch.autograd.grad((y * g).sum(), (x, param, bias))
+    for got, want, leaf in zip(grads, ref_grads, (x, param, bias)):
+        # gradients come out in the leaf's own memory layout, so AccumulateGrad keeps them without a copy
+        assert got.stride() == leaf.stride() and torch.allclose(got, want, atol=1e-4)
+    assert grads[2][1].eq(0).all() == (counts[1] == 0)  # an expert without rows gets a zero bias gradient
+
+
+def test_grouped_linear_without_rows_keeps_zero_gradients():
+    x = torch.zeros(0, 8, requires_grad=True)
+    w = torch.randn(2, 8, 4, requires_grad=True)
+    y = grouped_linear(x, w, None, [0, 0])
+    assert y.shape == (0, 4)
+    y.sum().backward()
+    assert w.grad is not None and w.grad.eq(0).all()
 
 
 def test_expert_init_is_independent_of_the_ep_layout_and_global_rng():

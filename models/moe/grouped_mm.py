@@ -1,13 +1,16 @@
-"""Grouped matrix multiply of the experts: rows grouped by expert times that expert's weight.
+"""Grouped linear of the experts: rows grouped by expert times that expert's weight, plus its bias.
 
-    grouped_mm(x [R, i], w [E, i, o], counts) -> [R, o]   rows counts[0] of expert 0, then expert 1, ...
+    grouped_linear(x [R, i], w [E, i, o], bias [E, o] | None, counts) -> [R, o]
+    rows counts[0] of expert 0, then expert 1, ...
 
-Three loop-free paths, picked per call:
-- equal counts (expert choice, DiffMoE training: every expert takes exactly k tokens): one `bmm`
-  on views, no copies;
+`w` may be a transposed view of an [E, o, i] parameter: the weight gradient is produced directly in
+the parameter's own memory layout, so autograd never copies an expert-bank-sized gradient to
+match it (36 MiB per weight at DiffMoE-S-E16). Each product runs on one of three loop-free
+kernels, picked per call:
+- equal counts (expert choice, DiffMoE training: every expert takes exactly k tokens): one
+  `bmm` / `baddbmm` on views, no copies;
 - unequal counts: `torch._grouped_mm` (CPU fp32/bf16, CUDA bf16 on recent GPUs; widths whose rows
-  are multiples of 16 bytes), through an autograd function of our own (its built-in backward
-  rejects broadcast gradients);
+  are multiples of 16 bytes);
 - otherwise (float64, GPUs without grouped GEMM): rows scattered into a zero-padded
   [E, max_count, i] buffer and one `bmm`. The padding is bounded by the largest group, which the
   capacity limit bounds for token choice with drop.
@@ -36,56 +39,96 @@ def _grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return _GROUPED_MM_OK[key]
 
 
-class _GroupedMM(torch.autograd.Function):
+class _Groups:
+    """How R rows split over E experts, and the products of a grouped linear on the best kernel."""
+
+    def __init__(self, counts: list[int], x: torch.Tensor, w: torch.Tensor):
+        self.num, self.rows = len(counts), sum(counts)
+        device = x.device
+        if min(counts) == max(counts):
+            self.kind, self.per_expert_rows = "equal", counts[0]
+            return
+        self.counts_t = torch.tensor(counts, device=device)
+        self.expert_of_row = torch.repeat_interleave(torch.arange(self.num, device=device), self.counts_t,
+                                                     output_size=self.rows)
+        aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])  # the kernel's stride rule
+        if aligned and _grouped_mm_supported(device, x.dtype):
+            self.kind = "grouped"
+            self.offs = self.counts_t.cumsum(0).to(torch.int32)
+        else:
+            self.kind = "padded"
+            self.width = max(counts)
+            starts = torch.cumsum(self.counts_t, 0) - self.counts_t
+            self.slot = (self.expert_of_row * self.width + torch.arange(self.rows, device=device)
+                         - starts[self.expert_of_row])
+
+    def _equal(self, a: torch.Tensor) -> torch.Tensor:
+        """[R, i] -> [E, R / E, i] (a view when a is contiguous)."""
+        return a.reshape(self.num, self.per_expert_rows, a.shape[1])
+
+    def _padded(self, a: torch.Tensor) -> torch.Tensor:
+        """[R, i] -> [E, max_count, i], zero rows after each expert's own."""
+        return a.new_zeros(self.num * self.width, a.shape[1]).index_copy_(0, self.slot, a).view(self.num, self.width, -1)
+
+    def rows_times(self, a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """a [R, i] grouped by expert, w [E, i, o], bias [E, o] -> [R, o]: a's rows of e times w[e] (+ bias[e])."""
+        if self.kind == "equal":
+            grouped = self._equal(a)
+            out = torch.bmm(grouped, w) if bias is None else torch.baddbmm(bias.unsqueeze(1), grouped, w)
+            return out.view(self.rows, w.shape[2])
+        if self.kind == "grouped":
+            out = torch._grouped_mm(a.contiguous(), w, offs=self.offs)
+        else:
+            out = torch.bmm(self._padded(a), w).view(self.num * self.width, w.shape[2])[self.slot]
+        return out if bias is None else out.add_(bias.index_select(0, self.expert_of_row))
+
+    def per_expert(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """a [R, i], b [R, o] grouped by expert -> [E, i, o]: sum over each expert's rows of a^T b."""
+        if self.kind == "equal":
+            return torch.bmm(self._equal(a).transpose(1, 2), self._equal(b))
+        if self.kind == "grouped":
+            return torch._grouped_mm(a.t(), b, offs=self.offs)
+        return torch.bmm(self._padded(a).transpose(1, 2), self._padded(b))
+
+    def per_expert_sum(self, a: torch.Tensor) -> torch.Tensor:
+        """[R, o] -> [E, o]: each expert's row sum."""
+        if self.kind == "equal":
+            return self._equal(a).sum(1)
+        return a.new_zeros(self.num, a.shape[1]).index_add_(0, self.expert_of_row, a)
+
+
+def _is_transposed(w: torch.Tensor) -> bool:
+    """w [E, i, o] is a transposed view of a contiguous [E, o, i] tensor."""
+    return w.stride(1) == 1 and w.stride(2) != 1 and w.transpose(1, 2).is_contiguous()
+
+
+class _GroupedLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, w, offs)
-        return torch._grouped_mm(x, w, offs=offs)
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, groups: _Groups) -> torch.Tensor:
+        ctx.groups = groups
+        ctx.save_for_backward(x, w)
+        return groups.rows_times(x, w, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, w, offs = ctx.saved_tensors
+        x, w = ctx.saved_tensors
+        groups: _Groups = ctx.groups
         grad = grad.contiguous()
-        grad_x = torch._grouped_mm(grad, w.transpose(1, 2), offs=offs) if ctx.needs_input_grad[0] else None
-        # 2D x 2D with offsets along the shared row dimension gives one [i, o] block per expert.
-        grad_w = torch._grouped_mm(x.t(), grad, offs=offs) if ctx.needs_input_grad[1] else None
-        return grad_x, grad_w, None
-
-
-def _padded_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    num, width = len(counts), max(counts)
-    counts_t = torch.tensor(counts, device=x.device)
-    starts = torch.cumsum(counts_t, 0) - counts_t
-    expert_of_row = torch.repeat_interleave(torch.arange(num, device=x.device), counts_t)
-    slot = expert_of_row * width + torch.arange(x.shape[0], device=x.device) - starts[expert_of_row]
-    padded = x.new_zeros(num * width, x.shape[1]).index_copy(0, slot, x)
-    return torch.bmm(padded.view(num, width, -1), w).view(num * width, -1)[slot]
-
-
-def grouped_mm(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> torch.Tensor:
-    """[R, i] rows grouped by expert (`counts[e]` rows each) times w [E, i, o] -> [R, o]."""
-    num = w.shape[0]
-    if len(counts) != num or sum(counts) != x.shape[0]:
-        raise ValueError(f"grouped_mm: counts {counts} do not split {x.shape[0]} rows over {num} experts")
-    if x.shape[0] == 0:
-        return x.new_zeros(0, w.shape[2]) + 0 * w.sum()  # keeps w in the graph (zero gradient)
-    if min(counts) == max(counts):
-        return torch.bmm(x.reshape(num, counts[0], -1), w).view(x.shape[0], -1)
-    if torch.is_autocast_enabled(x.device.type):  # a custom function is not autocast by itself
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w = x.to(dtype), w.to(dtype)
-    aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])  # the kernel's stride rule
-    if aligned and x.dtype == w.dtype and _grouped_mm_supported(x.device, x.dtype):
-        offs = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(x.device)
-        return _GroupedMM.apply(x.contiguous(), w, offs)
-    return _padded_mm(x, w, counts)
+        grad_x = groups.rows_times(grad, w.transpose(1, 2)) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # in w's memory layout: no layout-fixing copy in AccumulateGrad
+            grad_w = groups.per_expert(grad, x).transpose(1, 2) if _is_transposed(w) else groups.per_expert(x, grad)
+        grad_b = groups.per_expert_sum(grad) if ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
 
 
 def grouped_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, counts: list[int]) -> torch.Tensor:
-    """grouped_mm plus a per-expert bias [E, o] (fused into one baddbmm when counts are equal)."""
-    if bias is None:
-        return grouped_mm(x, w, counts)
-    if x.shape[0] and len(counts) == w.shape[0] and min(counts) == max(counts) and sum(counts) == x.shape[0]:
-        return torch.baddbmm(bias.unsqueeze(1), x.reshape(len(counts), counts[0], -1), w).view(x.shape[0], -1)
-    rows = torch.repeat_interleave(bias, torch.tensor(counts, device=bias.device), dim=0, output_size=x.shape[0])
-    return grouped_mm(x, w, counts) + rows
+    """[R, i] rows grouped by expert (`counts[e]` rows each) times w [E, i, o], plus bias [E, o] -> [R, o]."""
+    if len(counts) != w.shape[0] or sum(counts) != x.shape[0]:
+        raise ValueError(f"grouped_linear: counts {counts} do not split {x.shape[0]} rows over {w.shape[0]} experts")
+    if torch.is_autocast_enabled(x.device.type):  # a custom function is not autocast by itself
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w, bias = x.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype)
+    if x.dtype != w.dtype:
+        raise TypeError(f"grouped_linear: rows are {x.dtype} but the expert weights are {w.dtype}")
+    return _GroupedLinear.apply(x, w, bias, _Groups(counts, x, w))
