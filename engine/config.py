@@ -136,7 +136,7 @@ class DataConfig:
 @dataclass
 class ParallelConfig:
     ep_size: int = 1  # expert-parallel degree; divides the world size
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    zero_stage: int = 2  # DeepSpeed ZeRO stage: 1 or 2 (see validate for why not 0 or 3)
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     # Cross-rank pool selection: exact either way; `radix` sends metadata independent of tokens.
     pool_selection: Literal["gather", "radix"] = "radix"
@@ -367,6 +367,10 @@ def validate(cfg: Config) -> None:
     need(0 < moe.top_k <= moe.num_experts, "model.moe.top_k",
          f"must be in 1..num_experts ({moe.num_experts}), got {moe.top_k}")
     need(moe.capacity > 0, "model.moe.capacity", f"must be positive, got {moe.capacity}")
+    need(cfg.parallel.zero_stage in (1, 2), "parallel.zero_stage",
+         f"must be 1 or 2, got {cfg.parallel.zero_stage}: stage 0 has no partitioned optimizer to give the gradient "
+         "norm and the non-finite step guard, and stage 3 partitions the parameters, while the EMA, the sampler and "
+         "the expert-parallel MoE layers (whose experts differ per rank) need every parameter whole on its rank")
     need(moe.num_experts % cfg.parallel.ep_size == 0, "parallel.ep_size",
          f"{cfg.parallel.ep_size} does not divide model.moe.num_experts={moe.num_experts}")
     need(0 <= m.class_dropout_prob < 1, "model.class_dropout_prob", "must be in [0, 1)")

@@ -32,7 +32,7 @@ from models.diffusion import build_diffusion
 from parallel.checkpoint import CheckpointError, load_checkpoint, resolve_resume
 from parallel.expert_parallel import all_reduce_sum, attach_expert_parallel, optimizer_param_groups
 from parallel.groups import create_groups
-from parallel.zero import batch_layout, check_zero_stage, init_distributed, initialize_engine, shutdown_distributed
+from parallel.zero import batch_layout, init_distributed, initialize_engine, shutdown_distributed
 
 
 class NonFiniteStop(RuntimeError):
@@ -50,7 +50,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def train(cfg: Config) -> None:
     dist = init_distributed(cfg)
     setup_logging(dist.rank)
-    check_zero_stage(cfg.parallel.zero_stage)
     mb, accum = batch_layout(cfg, dist.world_size)
     run = prepare_run_dir(cfg, dist.is_main)
     text = build_text_conditioner(cfg, dist.device)  # frozen caption encoder; None when class-conditional

@@ -59,20 +59,12 @@ class DeepSpeedExpertMarker(DeepSpeedMoE):
 def attach_expert_parallel(model: nn.Module, cfg: Config, groups: ExpertParallelGroups) -> None:
     """Install the pool of `model.moe.pool` and (ep_size > 1) the all-to-all dispatcher in every MoE
     layer, and mark the expert parameters for DeepSpeed."""
-    if cfg.parallel.zero_stage == 3 and groups.ep_size > 1:
-        raise ValueError(
-            f"parallel.zero_stage: 3 cannot run with parallel.ep_size={groups.ep_size}: ZeRO-3 partitions every "
-            "parameter over all ranks, but each EP rank holds different experts, whose weights and gradients "
-            "must stay within their expert-data-parallel group; DeepSpeed's stage 3 supports that only for "
-            "its own AutoEP layers. Use parallel.zero_stage=1 or 2 (or ep_size=1).")
     layers = list(moe_layers(model))
     for layer in layers:
         layer.pool = build_pool(cfg.model.moe.pool, groups, cfg.parallel.pool_selection)
         if groups.ep_size > 1:
             layer.dispatcher = AllToAllDispatcher(groups.ep_group, groups.ep_rank, groups.ep_size, layer.num_experts)
-    if not layers or cfg.parallel.zero_stage == 3:
-        # ZeRO-3 at ep_size 1: experts are replicated on every rank like dense weights, and
-        # DeepSpeed's stage 3 rejects its MoE marker; reducing them over the world is exact.
+    if not layers:
         return
     for p in model.parameters():
         if getattr(p, "_is_expert", False):

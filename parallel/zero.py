@@ -158,18 +158,6 @@ def deepspeed_config(cfg: Config, micro_batch_size: int, grad_accum: int, world_
     }
 
 
-def check_zero_stage(stage: int) -> None:
-    from engine.config import ConfigError
-
-    if stage == 0:
-        raise ConfigError("parallel.zero_stage: 0 is not supported; use 1 or 2 (ZeRO-1 costs no extra "
-                          "communication and provides the gradient norm and the non-finite step guard)")
-    if stage == 3:
-        raise ConfigError("parallel.zero_stage: 3 is not supported; use 1 or 2 (ZeRO-3 partitions the "
-                          "parameters, but the EMA, the sampler and the expert-parallel MoE layers need "
-                          "every dense parameter whole on each rank)")
-
-
 def build_optimizer(param_groups: list[dict], cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     t = cfg.train
     fused = {"fused": True} if device.type == "cuda" else {"foreach": True}
@@ -188,7 +176,6 @@ def initialize_engine(model: torch.nn.Module, param_groups: list[dict], cfg: Con
     """A DeepSpeed engine over `model`: ZeRO stage from config, AdamW, bf16 when `use_bf16`."""
     import deepspeed
 
-    check_zero_stage(cfg.parallel.zero_stage)
     model.to(dist.device)
     optimizer = build_optimizer(param_groups, cfg, dist.device)
     ds_config = deepspeed_config(cfg, micro_batch_size, grad_accum, dist.world_size, use_bf16(cfg, dist.device))

@@ -69,7 +69,7 @@ def test_resolved_config_round_trips(tmp_path):
 
 @pytest.mark.parametrize("overrides, needle", [
     (["train.bogus=1"], "train.bogus"),  # caught while loading the config
-    (["parallel.zero_stage=3"], "parallel.zero_stage"),  # caught once the process group is up
+    (["parallel.zero_stage=3"], "parallel.zero_stage: must be 1 or 2"),  # caught by the cross-field checks
 ])
 def test_train_entry_point_config_error_is_one_line_exit_2(tmp_path, overrides, needle):
     proc = run_train(QUICKSTART, overrides + [f"train.output_dir={tmp_path / 'run'}"], check=False)

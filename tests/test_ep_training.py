@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -124,11 +123,3 @@ def test_world4_ep2_deepspeed_steps_match_one_process_and_keep_replicas_in_sync(
         else:
             torch.testing.assert_close(ranks[0]["params"][name], want, rtol=1e-5, atol=1e-6, msg=name)
             assert all(torch.equal(r["params"][name], ranks[0]["params"][name]) for r in ranks), name
-
-
-def test_zero3_with_expert_parallelism_fails_at_start_up():
-    from parallel.expert_parallel import attach_expert_parallel
-
-    cfg = load_config(QUICKSTART, TINY + MOE + ["parallel.zero_stage=3", "parallel.ep_size=2"])
-    with pytest.raises(ValueError, match="zero_stage: 3 cannot run with parallel.ep_size=2"):
-        attach_expert_parallel(torch.nn.Linear(2, 2), cfg, SimpleNamespace(ep_size=2))
