@@ -46,7 +46,7 @@ from engine.text_conditioning import (SAMPLES_PER_PROMPT, TextConditioner, build
 from models import DiT, moe
 from models.diffusion import Objective, build_diffusion
 from parallel.checkpoint import CheckpointError
-from parallel.zero import DistContext, init_distributed
+from parallel.zero import DistContext, init_distributed, run_then_exit
 
 GRID_IMAGES = 64  # the first images of the run, in index order
 
@@ -343,4 +343,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_then_exit(main)

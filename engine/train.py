@@ -32,7 +32,7 @@ from models.diffusion import build_diffusion
 from parallel.checkpoint import CheckpointError, load_checkpoint, resolve_resume
 from parallel.expert_parallel import all_reduce_sum, attach_expert_parallel, optimizer_param_groups
 from parallel.groups import create_groups
-from parallel.zero import batch_layout, init_distributed, initialize_engine, shutdown_distributed
+from parallel.zero import batch_layout, init_distributed, initialize_engine, run_then_exit, shutdown_distributed
 
 
 class NonFiniteStop(RuntimeError):
@@ -111,4 +111,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_then_exit(main)

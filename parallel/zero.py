@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 import torch
 
@@ -99,6 +100,26 @@ def shutdown_distributed() -> None:
     if torch_dist.is_initialized():
         torch_dist.barrier()
         torch_dist.destroy_process_group()
+
+
+def run_then_exit(entry: Callable[[], object]) -> NoReturn:
+    """Run a command-line entry point, then end the process without the interpreter's teardown.
+
+    By then every file is closed and the process group destroyed; what is left are torch's gloo/NCCL
+    objects that the DeepSpeed engine still references. Destroying those during interpreter
+    finalization can abort a rank that has finished its work ("terminate called without an active
+    exception", seen rarely on loaded machines), which fails the launcher and the Slurm job after a
+    good run. Exit codes (0, SystemExit's, e.g. the requeue code) are kept; tracebacks propagate."""
+    try:
+        entry()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _skip_cpu_inference_all_reduce() -> None:
