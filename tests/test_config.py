@@ -35,6 +35,8 @@ def test_unknown_yaml_key_names_full_path(tmp_path, data, key):
     ("eval.sample_steps=0", "eval.sample_steps"),
     ("train.nonsense=1", "train.nonsense"),
     ("model.moe.nonsense.deep=1", "model.moe.nonsense"),
+    ("parallel.zero_stage=0", "parallel.zero_stage"),
+    ("parallel.zero_stage=3", "parallel.zero_stage"),
 ])
 def test_bad_override_names_key(override, key):
     with pytest.raises(ConfigError) as e:
