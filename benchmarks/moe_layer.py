@@ -50,6 +50,7 @@ from models.ffn import DenseFFN  # noqa: E402
 from models.moe.layer import MoELayer  # noqa: E402
 
 SIZES = {"S": (384, 16), "B": (768, 16)}  # width, experts
+FLOP_MATCHED = "dense FFN, DiffMoE's FLOPs"
 TOKENS_PER_SAMPLE = 256  # an ImageNet-256 latent at patch 2
 # (size, samples): the headline S case with 2048 tokens, then a real per-GPU micro-batch (256 / 8 GPUs)
 RUNS = [("S", 8), ("S", 32), ("B", 8)]
@@ -110,6 +111,9 @@ def build_cases(d: int, experts: int) -> list[Case]:
     cases = [
         Case("dense FFN 4d", DenseFFN(d, h), "dense FFN 4d", "reference: one 4d MLP per token", ours),
         Case("dense FFN 8d", DenseFFN(d, 2 * h), "dense FFN 8d", "reference of top-2 (two 4d experts per token)", ours),
+        # 12 d h' = 48 d^2 + (4 d^2 + 12 d E): the experts' FLOPs plus the predictor's and the router's
+        Case(FLOP_MATCHED, DenseFFN(d, h + d // 3 + experts), "dense FFN 4d",
+             "hidden 4d + d/3 + E: as many FLOPs as DiffMoE's training iteration, predictor and router included", ours),
         Case("diffmoe", moe_layer(d, routing="diffmoe", num_experts=experts, capacity=1.0), "dense FFN 4d",
              "expert choice over the micro-batch pool, capacity 1 (exactly one expert row per token), "
              "training its capacity predictor", ours),
@@ -184,20 +188,22 @@ def measure(size: str, batch: int, rounds: int, warmup: int = 2) -> tuple[str, d
         print(f"  {size} x {batch} round {r + 1}/{warmup + rounds}", file=sys.stderr, end="\r")
     print(file=sys.stderr)
 
-    def ratio(times: dict[str, list[float]], case: Case) -> float:
-        return statistics.median(a / b for a, b in zip(times[case.name], times[case.reference]))
+    def ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
+        return statistics.median(a / b for a, b in zip(times[name], times[reference]))
 
-    ratios = {case.name: ratio(cpu, case) for case in cases}
+    ratios = {case.name: ratio(cpu, case.name, case.reference) for case in cases}
+    vs_flop_matched = ratio(cpu, "diffmoe", FLOP_MATCHED)
     flop_ratios = {case.name: flops[case.name] / flops[case.reference] for case in cases}
     rows = [f"| {case.name} | {statistics.median(cpu[case.name]) * 1e3:.1f} | {min(cpu[case.name]) * 1e3:.1f} | "
-            f"**{ratios[case.name]:.2f}** × {case.reference} | {ratio(wall, case):.2f} | {flop_ratios[case.name]:.3f} | "
+            f"**{ratios[case.name]:.2f}** × {case.reference} | {ratio(wall, case.name, case.reference):.2f} | {flop_ratios[case.name]:.3f} | "
             f"{flop_ratios[case.name] / ratios[case.name]:.0%} | {case.note} |" for case in cases]
     table = (f"**{size}**: d={d}, E={experts}, {batch * TOKENS_PER_SAMPLE} tokens ({batch} × {TOKENS_PER_SAMPLE}), "
              f"fp32, {torch.get_num_threads()} thread(s), {rounds} interleaved rounds\n\n"
              "| case | median CPU ms | min CPU ms | ratio (CPU time) | ratio (wall) | FLOP ratio | FLOP ratio ÷ time ratio "
              "| what |\n|---|---|---|---|---|---|---|---|\n"
-             + "\n".join(rows))
-    return table, {"d": d, "E": experts, "tokens": batch * TOKENS_PER_SAMPLE, "ratios": ratios, "flop_ratios": flop_ratios}
+             + "\n".join(rows) + f"\n\ndiffmoe ÷ {FLOP_MATCHED} (CPU time): **{vs_flop_matched:.2f}**")
+    return table, {"d": d, "E": experts, "tokens": batch * TOKENS_PER_SAMPLE, "ratios": ratios, "flop_ratios": flop_ratios,
+                   "diffmoe_vs_flop_matched_dense": vs_flop_matched}
 
 
 def main() -> None:
@@ -229,7 +235,8 @@ def main() -> None:
            "predictor (Linear(d, d) -> SiLU -> Linear(d, E) on every token, forward and weight gradients): at "
            f"d={d}, E={experts} that is {flop_ratios['diffmoe'] - flop_ratios['diffmoe, no predictor']:.3f} of the "
            f"dense FFN's FLOPs, so the DiffMoE layer cannot cost less than {flop_ratios['diffmoe']:.3f}x the dense "
-           "FFN of equal activated FLOPs on any hardware; `diffmoe, no predictor` isolates the routing itself.")
+           "FFN of equal activated FLOPs on any hardware; `diffmoe, no predictor` isolates the routing itself, and "
+           f"the `{FLOP_MATCHED}` row is a dense FFN doing as many FLOPs as DiffMoE's whole training iteration.")
     allocator = "cached heap + huge pages" if cached else "stock"
     update_results("moe_layer", f"`python benchmarks/moe_layer.py{' --quick' if args.quick else ''}` "
                    f"(CPU allocator: {allocator}). Forward + backward of one training iteration.\n\n"
@@ -239,7 +246,8 @@ def main() -> None:
                "diffmoe_no_predictor_vs_dense": ratios["diffmoe, no predictor"],
                "expert_choice_vs_dense": ratios["expert_choice"], "token_choice_top1_vs_dense": ratios["token_choice top-1"],
                "token_choice_top2_vs_dense": ratios["token_choice top-2"],
-               "diffmoe_flops_vs_dense": flop_ratios["diffmoe"], "allocator": allocator}
+               "diffmoe_flops_vs_dense": flop_ratios["diffmoe"],
+               "diffmoe_vs_flop_matched_dense": headline["diffmoe_vs_flop_matched_dense"], "allocator": allocator}
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in summary.items()}))
 
 
