@@ -55,8 +55,8 @@ MODELS: dict[str, list[str]] = {
     "EC": MOE + ["model.moe.routing=expert_choice", "model.moe.pool=sample", "model.moe.predictor=false"],
     "DiffMoE": MOE + ["model.moe.routing=diffmoe", "model.moe.pool=micro_batch", "model.moe.predictor=true"],
 }
-# measured ~1.6 min (quick) / ~3 min (default) per run on a free core; 4 models x seeds runs, 2 at a time:
-# ~7 min (quick) and ~20 min (default), leaving room for a loaded machine within 15 / 60 minutes
+# measured ~1.6 min (quick) / ~3.7 min (default) per run on a free core; 4 models x seeds runs, 2 at a time:
+# ~7 min (quick) and ~22 min (default), leaving room for a loaded machine within 15 / 60 minutes
 DEFAULT = {"seeds": 3, "steps": 800, "batch": 128, "eval_samples": 200, "sample_steps": 20}
 QUICK = {"seeds": 2, "steps": 300, "batch": 128, "eval_samples": 200, "sample_steps": 20}
 EMA_HALF_LIFE = 1 / 8  # of the run: the evaluated EMA weights average the last ~quarter of training

@@ -7,8 +7,9 @@ Each round times one training iteration (gradients reset, forward, backward of a
 plus the layer's aux loss) of every case in turn; a case's ratio is the median over rounds of its
 time / the time of its dense reference in the same round, so load from other processes on a shared
 machine hits both sides alike. Ratios are taken on the process CPU time (one thread by default: the
-work done, not the waits for a core that other processes hold); wall-clock ratios are shown too. Writes the `moe_layer` section of benchmarks/RESULTS.md; the last line
-is JSON {"d", "E", "tokens", "diffmoe_vs_dense", "deepspeed_vs_dense", ...} of the S-size case.
+work done, not the waits for a core that other processes hold); wall-clock ratios are shown too.
+Writes the `moe_layer` section of benchmarks/RESULTS.md; the last line is JSON {"d", "E", "tokens",
+"diffmoe_vs_dense", "deepspeed_vs_dense", ...} of the S-size case.
 
 Each case's matmul FLOPs of one iteration are counted by torch's FlopCounterMode, so the table also
 shows the FLOP ratio to the reference: the floor no implementation of that case can go below

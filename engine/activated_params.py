@@ -35,11 +35,6 @@ def supports_dynamic_inference(model: nn.Module) -> bool:
     return bool(layers) and all(layer.predictor is not None for layer in layers)
 
 
-def t_bucket_names() -> list[str]:
-    """`0.0-0.1` ... `0.9-1.0`, the bucket suffixes shared with `loss_by_t`."""
-    return [f"{i / TIME_BUCKETS:.1f}-{(i + 1) / TIME_BUCKETS:.1f}" for i in range(TIME_BUCKETS)]
-
-
 @torch.no_grad()
 def activated_params_profile(model: nn.Module, objective: Objective, num_classes: int, samples_per_class: int,
                              cfg_scale: float, steps: int, sampler: str, threshold_shift: float,

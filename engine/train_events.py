@@ -10,11 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.activated_params import activated_params_profile, supports_dynamic_inference, t_bucket_names
+from engine.activated_params import activated_params_profile, supports_dynamic_inference
 from engine.digits_eval import ReferenceClassifier, class_accuracy
 from engine.monitor import Monitor
 from engine.run_dir import checkpoint_root, samples_dir
 from engine.sampling import GRID_PER_CLASS, generate, grid_labels_and_seeds, save_grid
+from engine.train_metrics import t_bucket_names
 from models import moe
 from parallel.checkpoint import save_checkpoint
 from parallel.expert_parallel import all_reduce_sum, comm_stats

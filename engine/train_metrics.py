@@ -16,7 +16,14 @@ from typing import Callable
 
 import torch
 
-NUM_T_BUCKETS = 10  # loss by timestep: buckets of width 0.1 over t in [0, 1] (0 noise, 1 data)
+# Loss by timestep uses the MoE monitors' buckets (width 0.1 over t in [0, 1], 0 noise, 1 data), so
+# loss_by_t, the expert load heatmaps and eval/activated_params_by_t line up.
+from models.moe.layer import TIME_BUCKETS
+
+
+def t_bucket_names() -> list[str]:
+    """`0.0-0.1` ... `0.9-1.0`: the suffixes of every per-timestep-bucket metric."""
+    return [f"{i / TIME_BUCKETS:.1f}-{(i + 1) / TIME_BUCKETS:.1f}" for i in range(TIME_BUCKETS)]
 
 
 class IntervalMeter:
@@ -33,7 +40,7 @@ class IntervalMeter:
         z = lambda n: torch.zeros(n, dtype=torch.float64, device=self.device)  # noqa: E731
         # [diffusion loss sum, aux loss sum, micro-batches] over applied steps
         self.sums = z(3)
-        self.bucket_loss, self.bucket_count = z(NUM_T_BUCKETS), z(NUM_T_BUCKETS)
+        self.bucket_loss, self.bucket_count = z(TIME_BUCKETS), z(TIME_BUCKETS)
         self.steps = self.skipped = 0
         self.grad_norms: list[float] = []
         self.start = time.perf_counter()
@@ -49,12 +56,12 @@ class IntervalMeter:
 
     def begin_step(self) -> None:
         z = lambda n: torch.zeros(n, dtype=torch.float64, device=self.device)  # noqa: E731
-        self.step_sums, self.step_bucket_loss, self.step_bucket_count = z(3), z(NUM_T_BUCKETS), z(NUM_T_BUCKETS)
+        self.step_sums, self.step_bucket_loss, self.step_bucket_count = z(3), z(TIME_BUCKETS), z(TIME_BUCKETS)
 
     def add_micro_batch(self, per_sample_loss: torch.Tensor, t: torch.Tensor, aux_loss: torch.Tensor) -> None:
         loss = per_sample_loss.double()
         self.step_sums += torch.stack([loss.mean(), aux_loss.double().reshape(()), loss.new_ones(())])
-        bucket = (t.double() * NUM_T_BUCKETS).long().clamp(0, NUM_T_BUCKETS - 1)
+        bucket = (t.double() * TIME_BUCKETS).long().clamp(0, TIME_BUCKETS - 1)
         self.step_bucket_loss.index_add_(0, bucket, loss)
         self.step_bucket_count.index_add_(0, bucket, torch.ones_like(loss))
 
@@ -74,7 +81,7 @@ class IntervalMeter:
         """Global metrics of the interval (collective: every rank calls it), then a new interval."""
         packed = all_reduce_sum(torch.cat([self.sums, self.bucket_loss, self.bucket_count]))
         diffusion_sum, aux_sum, micro = packed[:3].tolist()
-        bucket_loss, bucket_count = packed[3:3 + NUM_T_BUCKETS], packed[3 + NUM_T_BUCKETS:]
+        bucket_loss, bucket_count = packed[3:3 + TIME_BUCKETS], packed[3 + TIME_BUCKETS:]
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         samples_per_sec = self.steps * self.global_batch / elapsed
         out: dict[str, float | torch.Tensor] = {}
@@ -92,10 +99,9 @@ class IntervalMeter:
             "nonfinite_steps": float(self.skipped),
             "nonfinite_steps_total": float(self.total_skipped),
         })
-        for i in range(NUM_T_BUCKETS):
+        for i, name in enumerate(t_bucket_names()):
             if bucket_count[i] > 0:
-                name = f"loss_by_t/{i / NUM_T_BUCKETS:.1f}-{(i + 1) / NUM_T_BUCKETS:.1f}"
-                out[name] = float(bucket_loss[i] / bucket_count[i])
+                out[f"loss_by_t/{name}"] = float(bucket_loss[i] / bucket_count[i])
         out.update(memory_stats(self.device))
         self.reset()
         return out

@@ -13,10 +13,11 @@ from engine.config import ConfigError, load_config
 from engine.ema import EMA
 from engine.monitor import Monitor, heatmap_image
 from engine.sampling import generate, grid_array, grid_labels_and_seeds, save_grid
-from engine.train_metrics import NUM_T_BUCKETS, IntervalMeter
+from engine.train_metrics import IntervalMeter
 from engine.train_step import draw_training_inputs
 from models import build_model
 from models.diffusion import build_diffusion
+from models.moe.layer import TIME_BUCKETS
 from parallel.zero import batch_layout, deepspeed_config
 from tests.train_utils import QUICKSTART
 
@@ -143,7 +144,7 @@ def test_interval_meter_means_and_skipped_steps():
     assert out["nonfinite_steps"] == 1 and out["nonfinite_steps_total"] == 1
     assert out["loss_by_t/0.0-0.1"] == pytest.approx(1.5)  # t = 0.05, 0.06
     assert out["loss_by_t/0.9-1.0"] == pytest.approx(3.0) and out["loss_by_t/0.5-0.6"] == pytest.approx(2.0)
-    assert sum(k.startswith("loss_by_t/") for k in out) == 3 < NUM_T_BUCKETS
+    assert sum(k.startswith("loss_by_t/") for k in out) == 3 < TIME_BUCKETS
     assert out["tokens_per_sec"] == pytest.approx(16 * out["samples_per_sec"])
     assert meter.reduce(identity_sum)["nonfinite_steps"] == 0  # a new interval
 
