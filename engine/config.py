@@ -46,7 +46,9 @@ class MoEConfig:
     routed_scaling: float = 1.0  # multiplies routed weights (recipe: 2.0 for E16, 2.5 for E48)
     bias_update_rate: float = 0.001  # sigmoid_bias: per-step nudge of the balancing bias
     capacity: float = 1.0  # expert choice: k = int(pool_tokens / E * capacity); TC: capacity factor (keep int(c * pool * top_k / E))
-    drop_tokens: bool = True  # token choice: drop tokens over capacity (False: no capacity limit)
+    # token choice: drop tokens over capacity (GShard/Switch style). Off by default: TC-DiT, Diff-MoE and
+    # the recipe never drop (docs/fidelity.md)
+    drop_tokens: bool = False
     aux_loss_weight: float = 0.01  # token choice load-balance loss alpha
     # Shared experts (DeepSeek / Diff-MoE): always-on FFNs added to the routed output
     num_shared_experts: int = 0

@@ -20,7 +20,8 @@ VARIANTS = {
     "diffmoe": ["model.moe.routing=diffmoe", "model.moe.time_aware=true", "model.moe.recalibration=true",
                 "model.moe.num_shared_experts=1", "model.moe.activation=swiglu"],
     "diffmoe_gather": ["model.moe.routing=diffmoe", "parallel.pool_selection=gather", "model.moe.capacity=1.5"],
-    "token_choice": ["model.moe.routing=token_choice", "model.moe.top_k=2", "model.moe.capacity=0.75"],
+    "token_choice": ["model.moe.routing=token_choice", "model.moe.top_k=2", "model.moe.capacity=0.75",
+                     "model.moe.drop_tokens=true"],
     "expert_choice": ["model.moe.routing=expert_choice", "model.moe.pool=sample"],
 }
 

@@ -65,7 +65,7 @@ def test_expert_choice_layer_hand_computed(routing, pool, pairs):
 
 def test_token_choice_layer_hand_computed_with_drop():
     layer = with_identity_router(layer_of(routing="token_choice", num_experts=2, top_k=1, expert_hidden=3,
-                                          capacity=1.0, aux_loss_weight=0.01))
+                                          capacity=1.0, drop_tokens=True, aux_loss_weight=0.01))
     layer.train()
     out = layer(X, torch.zeros(2, 2), torch.tensor([0.1, 0.9]))
     # top-1: tokens 0, 2 (tie -> lower id), 3 choose expert 0; capacity int(1 * 4 * 1 / 2) = 2 drops token 2
@@ -110,7 +110,7 @@ def test_predictor_targets_are_the_selection_mask_and_threshold_tracks_kth():
 
 GRADCHECK_VARIANTS = {
     "diffmoe": dict(routing="diffmoe", num_experts=4, capacity=1.5),
-    "token_choice": dict(routing="token_choice", num_experts=4, top_k=2, capacity=0.75),
+    "token_choice": dict(routing="token_choice", num_experts=4, top_k=2, capacity=0.75, drop_tokens=True),
     "diff_moe": dict(routing="token_choice", num_experts=4, top_k=2, drop_tokens=False, activation="swiglu",
                      time_aware=True, time_rank=3, recalibration=True, spatial_conv_kernel=3, num_shared_experts=1),
     "recipe": dict(routing="token_choice", num_experts=4, top_k=2, router="sigmoid_bias", routed_scaling=2.0,

@@ -72,9 +72,20 @@ def test_dynamic_choice_takes_n_best_by_router_score():
                              [False, False, False],
                              [True, False, True],
                              [False, False, False]])  # n = [2, 0, 1]
-    mask = selection.dynamic_choice(SCORES, eligible)
+    mask = selection.dynamic_choice(SCORES, eligible, group_tokens=4)
     # expert 0 takes its 2 best tokens by score (3: 0.7, 0: 0.5), not the eligible ones (0, 2)
     assert mask.t().nonzero().tolist() == [[0, 0], [0, 3], [2, 2]]
+
+
+def test_dynamic_choice_per_sample_counts_and_ranks_within_each_sample():
+    eligible = torch.tensor([[True, False, False],
+                             [True, False, False],
+                             [False, False, False],
+                             [False, False, True]])
+    # one pool over the batch: n = [2, 0, 1] -> expert 0 takes 3 (0.7) and 0 (0.5), expert 2 takes 2 (0.6)
+    assert selection.dynamic_choice(SCORES, eligible, 4).t().nonzero().tolist() == [[0, 0], [0, 3], [2, 2]]
+    # samples {0, 1} and {2, 3}: n = [2, 0, 0] then [0, 0, 1] -> expert 0 takes 0 and 1, expert 2 takes 2
+    assert selection.dynamic_choice(SCORES, eligible, 2).t().nonzero().tolist() == [[0, 0], [0, 1], [2, 2]]
 
 
 def test_load_balance_loss_closed_form():

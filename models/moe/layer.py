@@ -161,7 +161,8 @@ class MoELayer(nn.Module):
             if pred is None:
                 raise ValueError("dynamic inference needs the capacity predictor (model.moe.predictor=true)")
             eligible = pred.float().sigmoid() > (self.predictor.threshold + self.threshold_shift)
-            selected = selection.dynamic_choice(affinity.detach(), eligible)
+            group = tokens_per_sample if self.pool.scope == "sample" else num_tokens
+            selected = selection.dynamic_choice(affinity.detach(), eligible, group)
         else:
             selected = self.pool.topk_mask(affinity.detach(), k, tokens_per_sample)
         if pred is not None:

@@ -3,7 +3,8 @@
 Selections over more than one token go through the layer's `TokenPool` (`topk_mask`), so the same
 code selects within a sample, a micro-batch, or a pool spread over ranks. Only the dynamic
 inference rule counts and ranks tokens within this process's batch (the sampling batch), as the
-reference DiffMoE does.
+reference DiffMoE does, or within each sample when the pool is `sample` (the paper's local
+dynamic intra-sample row).
 """
 from __future__ import annotations
 
@@ -43,10 +44,14 @@ def drop_over_capacity(chosen: torch.Tensor, priority: torch.Tensor, pool: Token
     return pool.topk_mask(masked, capacity, tokens_per_sample) & chosen
 
 
-def dynamic_choice(score: torch.Tensor, eligible: torch.Tensor) -> torch.Tensor:
-    """DiffMoE dynamic inference: expert e takes its n_e best tokens by router score, where n_e is
-    the number of tokens of this batch whose predicted probability passed e's threshold."""
-    n = eligible.sum(0)  # [E]
-    order = torch.sort(score, dim=0, descending=True, stable=True).indices  # [T, E]
-    rank = torch.empty_like(order).scatter_(0, order, torch.arange(score.shape[0], device=score.device).unsqueeze(1).expand_as(order))
-    return rank < n.unsqueeze(0)
+def dynamic_choice(score: torch.Tensor, eligible: torch.Tensor, group_tokens: int) -> torch.Tensor:
+    """DiffMoE dynamic inference: within each group of `group_tokens` consecutive tokens (one sample
+    for pool=sample, the whole batch otherwise), expert e takes its n_e best tokens by router score,
+    where n_e is the number of the group's tokens whose predicted probability passed e's threshold."""
+    num_tokens, num_experts = score.shape
+    grouped = score.reshape(-1, group_tokens, num_experts)
+    n = eligible.reshape(-1, group_tokens, num_experts).sum(1, keepdim=True)  # [G, 1, E]
+    order = torch.sort(grouped, dim=1, descending=True, stable=True).indices  # [G, n, E]
+    positions = torch.arange(group_tokens, device=score.device).view(1, -1, 1).expand_as(order)
+    rank = torch.empty_like(order).scatter_(1, order, positions)
+    return (rank < n).reshape(num_tokens, num_experts)
