@@ -4,7 +4,8 @@
     for micro_batches in loader:          # one list per step, len == grad_accum
         for batch in micro_batches:       # x [mb,C,H,W], y [mb], index [mb], step, key, ...
             ...
-    state = loader.state_dict()           # into the checkpoint; .load_state_dict(state) resumes
+    state = loader.state_dict(all_reduce_sum, device)  # collective; into the checkpoint
+    loader.load_state_dict(state)                       # resumes (any world size)
 
 `data.order: global` (default) reads indexed shards by random access in the world-size-invariant
 global order of `engine.data.order`; each DataLoader worker builds whole micro-batches, so the
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler
@@ -54,10 +55,12 @@ class GlobalOrderBatches(Dataset):
         step, accum = divmod(m, self.grad_accum)
         indices = micro_batch_indices(accum, self.rank, self.world_size, self.mb)
         samples, skipped = [], 0
-        for index, flip in zip(indices.tolist(), draw_flips(self.seed, step, indices, self.random_flip)):
-            position = step * self.global_batch + index
+        positions = step * self.global_batch + indices.numpy()
+        first_choice = self.order.samples_at(positions)
+        for position, first, flip in zip(positions.tolist(), first_choice.tolist(),
+                                          draw_flips(self.seed, step, indices, self.random_flip)):
             for offset in range(MAX_REPLACEMENTS):
-                sample_id = self.order.sample_at(position, offset)
+                sample_id = self.order.sample_at(position, offset) if offset else first
                 try:
                     samples.append(decode_sample(self.reader.read(sample_id), self.spec, flip))
                     break
@@ -90,8 +93,10 @@ class TrainLoader:
     """Endless iterable of steps (lists of `grad_accum` micro-batch dicts) from the current position."""
 
     def __init__(self, dataset: GlobalOrderBatches | StreamBatches, *, order: str, num_workers: int,
-                 grad_accum: int, start_step: int, global_batch_size: int, num_samples: int | None, seed: int):
+                 grad_accum: int, start_step: int, global_batch_size: int, num_samples: int | None, seed: int,
+                 rank: int, world_size: int):
         self.dataset, self.order, self.num_workers, self.grad_accum = dataset, order, num_workers, grad_accum
+        self.rank, self.world_size = rank, world_size
         self.global_batch_size, self.num_samples, self.seed = global_batch_size, num_samples, seed
         self._next_step = start_step
         self._skipped = 0
@@ -127,18 +132,36 @@ class TrainLoader:
                 yield group
                 group = []
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   device: torch.device | str = "cpu") -> dict[str, Any]:
+        """The position, and every rank's skip counter (`skipped_per_rank`, gathered by one
+        `all_reduce_sum` over a world-size vector, so every rank must call it; `skipped`: their sum).
+        Without `all_reduce_sum` only a single process's state is complete."""
+        if all_reduce_sum is None and self.world_size > 1:
+            raise ValueError("state_dict at world size > 1 needs all_reduce_sum to gather every rank's skip counter")
+        counts = torch.zeros(self.world_size, dtype=torch.int64, device=device)
+        counts[self.rank] = self._skipped
+        per_rank = (all_reduce_sum(counts) if all_reduce_sum is not None else counts).tolist()
         return {"order": self.order, "step": self._next_step, "global_batch_size": self.global_batch_size,
-                "num_samples": self.num_samples, "seed": self.seed, "skipped": self._skipped}
+                "num_samples": self.num_samples, "seed": self.seed, "skipped": sum(per_rank),
+                "skipped_per_rank": per_rank}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at the saved step; warns when the saved order cannot continue exactly."""
+        """Continue at the saved step; warns when the saved order cannot continue exactly.
+
+        Each rank takes back its own skip counter. Saved at another world size (or by a version that
+        kept one counter), rank 0 takes the total and the others start at 0: the sum over ranks, which
+        is what is logged, continues exactly."""
         for key in ("order", "global_batch_size", "num_samples", "seed"):
             if state.get(key) != getattr(self, key):
                 log.warning("data position saved with %s=%s, now %s: continuing at step %d in the new order",
                             key, state.get(key), getattr(self, key), state["step"])
         self._next_step = int(state["step"])
-        self._skipped = int(state.get("skipped", 0))
+        per_rank = state.get("skipped_per_rank")
+        if per_rank is not None and len(per_rank) == self.world_size:
+            self._skipped = int(per_rank[self.rank])
+        else:
+            self._skipped = int(state.get("skipped", 0)) if self.rank == 0 else 0
 
 
 def build_train_loader(cfg: Config, rank: int, world_size: int, micro_batch_size: int, grad_accum: int,
@@ -160,4 +183,4 @@ def build_train_loader(cfg: Config, rank: int, world_size: int, micro_batch_size
                                 data.num_workers, data.shuffle_buffer, data.random_flip)
     return TrainLoader(dataset, order=data.order, num_workers=data.num_workers, grad_accum=grad_accum,
                        start_step=start_step, global_batch_size=global_batch, num_samples=source.num_samples,
-                       seed=seed)
+                       seed=seed, rank=rank, world_size=world_size)

@@ -1,9 +1,14 @@
 """The global sample order: which sample sits at each slot of each step's global batch.
 
 Training position p = step * G + index (G the global batch size, index the slot in the step's
-global batch). Epoch e = p // N is a permutation of the N samples seeded by (train.seed, e);
-so the global batch of a step, and each sample's flip (drawn from its (seed, step, index)
-generator), never depend on the number of ranks or data workers.
+global batch). Epoch e = p // N is a permutation of the N samples keyed by (train.seed, e); so the
+global batch of a step, and each sample's flip (drawn from its (seed, step, index) generator),
+never depend on the number of ranks or data workers.
+
+The permutation is computed, not stored: a keyed Feistel network permutes the k-bit integers
+[0, 2^k) (k = bits of N - 1, at least 2), and cycle walking (apply it again while the result is
+>= N) restricts it to [0, N). Memory is O(1) in N: 100M samples cost what 100 do. The domain is
+under 2N, so a position takes fewer than two walks on average.
 """
 from __future__ import annotations
 
@@ -12,11 +17,46 @@ import torch
 
 from engine.rng import sample_generator, sample_seed
 
+FEISTEL_ROUNDS = 6  # >= 4 rounds of a pseudo-random round function give a pseudo-random permutation
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)  # splitmix64's finaliser
 
-def epoch_permutation(seed: int, epoch: int, num_samples: int) -> torch.Tensor:
-    """Sample ids in the order of one epoch (a fresh, deterministic permutation per epoch)."""
-    generator = torch.Generator().manual_seed(sample_seed(seed, epoch, 0, "order"))
-    return torch.randperm(num_samples, generator=generator)
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's bijective 64-bit finaliser (uint64 arithmetic wraps around)."""
+    x = (x ^ (x >> np.uint64(30))) * _M1
+    x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+class EpochPermutation:
+    """A keyed bijection of [0, num_samples): `perm(ids)` maps an array of positions to sample ids."""
+
+    def __init__(self, key: int, num_samples: int):
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be positive, got {num_samples}")
+        self.num_samples = num_samples
+        bits = max(2, (num_samples - 1).bit_length())
+        self._left_bits, self._right_bits = bits // 2, bits - bits // 2
+        keys = np.array([key], dtype=np.uint64) + np.arange(1, FEISTEL_ROUNDS + 1, dtype=np.uint64)
+        self._round_keys = _mix(keys * np.uint64(0x9E3779B97F4A7C15))
+
+    def _encrypt(self, x: np.ndarray) -> np.ndarray:
+        """One pass of the Feistel network over [0, 2^k); the two halves swap widths every round."""
+        left_bits, right_bits = self._left_bits, self._right_bits
+        left, right = x >> np.uint64(right_bits), x & np.uint64((1 << right_bits) - 1)
+        for key in self._round_keys:
+            mask = np.uint64((1 << left_bits) - 1)
+            left, right = right, left ^ (_mix(right ^ key) & mask)
+            left_bits, right_bits = right_bits, left_bits
+        return (left << np.uint64(right_bits)) | right
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        y = self._encrypt(np.asarray(positions, dtype=np.uint64))
+        outside = y >= self.num_samples
+        while outside.any():  # cycle walking: ends because the start point lies inside [0, N)
+            y[outside] = self._encrypt(y[outside])
+            outside = y >= self.num_samples
+        return y.astype(np.int64)
 
 
 def micro_batch_indices(accum: int, rank: int, world_size: int, micro_batch_size: int) -> torch.Tensor:
@@ -33,20 +73,29 @@ def draw_flips(seed: int, step: int, indices: torch.Tensor, enabled: bool) -> li
 
 
 class GlobalOrder:
-    """Sample id at a training position; keeps the permutations of the last two epochs used."""
+    """Sample id at a training position: epoch e's permutation is keyed by (seed, e)."""
 
     def __init__(self, seed: int, num_samples: int):
         self.seed, self.num_samples = seed, num_samples
-        self._epochs: dict[int, np.ndarray] = {}
+        self._epoch, self._permutation = -1, EpochPermutation(0, num_samples)
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if epoch not in self._epochs:
-            if len(self._epochs) >= 2:
-                del self._epochs[min(self._epochs)]
-            self._epochs[epoch] = epoch_permutation(self.seed, epoch, self.num_samples).numpy()
-        return self._epochs[epoch]
+    def permutation(self, epoch: int) -> EpochPermutation:
+        if epoch != self._epoch:  # a key schedule, a few hundred bytes: rebuilt when the epoch changes
+            self._epoch = epoch
+            self._permutation = EpochPermutation(sample_seed(self.seed, epoch, 0, "order"), self.num_samples)
+        return self._permutation
+
+    def samples_at(self, positions: np.ndarray) -> np.ndarray:
+        """Sample ids at an array of training positions (any epochs)."""
+        positions = np.asarray(positions, dtype=np.int64)
+        epochs, within = np.divmod(positions, self.num_samples)
+        ids = np.empty_like(positions)
+        for epoch in np.unique(epochs).tolist():
+            chosen = epochs == epoch
+            ids[chosen] = self.permutation(epoch)(within[chosen])
+        return ids
 
     def sample_at(self, position: int, offset: int = 0) -> int:
         """Sample id at `position`, or `offset` places later in the same epoch (wrapping around it)."""
         epoch, within = divmod(position, self.num_samples)
-        return int(self._permutation(epoch)[(within + offset) % self.num_samples])
+        return int(self.permutation(epoch)(np.array([(within + offset) % self.num_samples]))[0])
