@@ -173,7 +173,7 @@ class TrainEvents:
         return values
 
     def save(self, step: int) -> None:
-        state = {"step": step, "data": self.loader.state_dict()}
+        state = {"step": step, "data": self.loader.state_dict(all_reduce_sum, self.dist.device)}  # collective
         self.last_checkpoint = save_checkpoint(checkpoint_root(self.cfg), step, self.engine, self.ema, state, self.cfg)
 
     def report_finished(self, step: int) -> None:
