@@ -3,10 +3,9 @@
 # with signal forwarding and requeue. Each launcher keeps only its #SBATCH header and defaults.
 #
 # Why srun starts one task per GPU (not torchrun or the deepspeed launcher): Slurm then delivers
-# the preemption signal straight to every training process, and srun's exit code is the trainer's
-# own, so REQUEUE_EXIT_CODE reaches this script. torchrun exits with 1 whatever its workers
-# returned (and SIGKILLs them after --shutdown-timeout); the deepspeed launcher kills its workers
-# on SIGTERM and ignores SIGUSR1 — either would lose the requeue code or the checkpoint.
+# the preemption signal straight to every training process, which checkpoints before it exits.
+# torchrun SIGKILLs its workers after --shutdown-timeout; the deepspeed launcher kills its workers
+# on SIGTERM and ignores SIGUSR1 — either would lose the checkpoint.
 
 die() {
     echo "launcher error: $*" >&2
@@ -58,12 +57,13 @@ parse_args() {
     done
 }
 
-# The exit code engine/preemption.py returns after its preemption checkpoint (one source of truth).
-read_requeue_exit_code() {
-    local file="engine/preemption.py"
-    [[ -f "$file" ]] || die "$file not found: cannot read REQUEUE_EXIT_CODE"
-    REQUEUE_EXIT_CODE="$(sed -n 's/^REQUEUE_EXIT_CODE[^=]*= *\([0-9][0-9]*\).*/\1/p' "$file" | head -n 1)"
-    [[ -n "$REQUEUE_EXIT_CODE" ]] || die "no 'REQUEUE_EXIT_CODE = <int>' line in $file"
+# The requeue marker of this job: rank 0 of the trainer writes it (engine/preemption.py, variable
+# REQUEUE_MARKER) once a preemption stop has its state on disk. One file per job id, on the shared
+# file system of the repository; a marker of an earlier run of this (requeued) job is consumed here.
+prepare_requeue_marker() {
+    export REQUEUE_MARKER
+    mkdir -p "$(dirname "$REQUEUE_MARKER")" || die "cannot create the folder of $REQUEUE_MARKER"
+    rm -f "$REQUEUE_MARKER"
 }
 
 # Hosts, world size and rendezvous address of the allocation (Slurm's own variables; the #SBATCH
@@ -88,20 +88,26 @@ slurm_topology() {
 # launchers/slurm_task.sh and then replaced by the trainer process itself.
 build_slurm_command() {
     # --kill-on-bad-exit: one crashed rank ends the step instead of leaving the others hung in NCCL.
-    LAUNCH=(srun --nodes="$NNODES" --ntasks-per-node="$GPUS_PER_NODE" --kill-on-bad-exit=1
-        bash launchers/slurm_task.sh
+    LAUNCH=(srun --nodes="$NNODES" --ntasks-per-node="$GPUS_PER_NODE" --kill-on-bad-exit=1)
+    # Since Slurm 22.05 srun no longer inherits sbatch's --cpus-per-task: without it every rank and
+    # its data-loader workers would share one core.
+    [[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && LAUNCH+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+    LAUNCH+=(bash launchers/slurm_task.sh
         "$PYTHON" engine/train.py --config "$CONFIG" "${OVERRIDES[@]}")
 }
 
 # Process environment of the training step.
 export_step_env() {
-    # NCCL: the defaults are right on most clusters; uncomment to debug or to pin the fabric.
-    # export NCCL_DEBUG=INFO                # WARN in production; INFO prints rings/trees and transports
-    # export NCCL_SOCKET_IFNAME=ib0         # bootstrap interface if auto-detection picks a slow one
+    # NCCL (docs/launchers.md has the why of each): the defaults are right on most clusters; set these
+    # here or export them before sbatch when your fabric needs them.
+    # export NCCL_SOCKET_IFNAME=ib0         # bootstrap interface if auto-detection picks a slow/unrouted one
     # export NCCL_IB_HCA=mlx5               # restrict to the InfiniBand adapters of the GPU fabric
-    # export NCCL_IB_DISABLE=0              # 1 only on clusters without InfiniBand (falls back to TCP)
-    # export NCCL_NVLS_ENABLE=0             # if NVLink SHARP is unavailable or misbehaves
-    # export TORCH_NCCL_ASYNC_ERROR_HANDLING=1  # a lost rank becomes an error, not a silent hang
+    # export NCCL_IB_TIMEOUT=22             # per-retry IB timeout 4.096 us * 2^N; raise on flaky large fabrics
+    # export NCCL_IB_RETRY_CNT=7            # IB retries before a link error (default 7)
+    # export NCCL_DEBUG=WARN                # INFO only to debug (prints rings/trees and transports)
+    # PyTorch's watchdog already ends a rank whose collective outlives the process-group timeout
+    # (TORCH_NCCL_ASYNC_ERROR_HANDLING default 3: tear the process down); TORCH_NCCL_BLOCKING_WAIT=1 would
+    # raise in Python instead, at the cost of a host wait on every collective: debugging only.
     # The GPUs do the math; leave the host cores to the data workers (what torchrun does too).
     export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 }
@@ -139,23 +145,26 @@ run_step() {
     trap - USR1 TERM
 }
 
-# Requeue after a preemption checkpoint: on the trainer's requeue exit code, or when the time-limit
-# warning arrived and the step did not finish cleanly (ranks killed by --kill-on-bad-exit while the
-# first one exits make srun report 128+9 rather than the requeue code). Never after a SIGTERM: that is scancel (the
-# user wants the job gone) or a preemption that Slurm requeues by itself.
+# Requeue when, and only when, the trainer left the marker: its preemption stop has the state on
+# disk (exit codes do not tell: ranks killed by --kill-on-bad-exit while the first one exits make
+# srun report 137, and a crash after the warning must not loop). The one veto: a SIGTERM that no
+# SIGUSR1 announced is scancel (the user wants the job gone) or a preemption Slurm requeues itself.
+# A SIGTERM after the warning is the time limit catching a slow save: requeued once the save is done.
 requeue_if_preempted() {
-    local preempted=0
-    if [[ "$LAUNCH_RC" -eq "$REQUEUE_EXIT_CODE" ]]; then
-        preempted=1
-    elif [[ "$GOT_USR1" -eq 1 && "$LAUNCH_RC" -ne 0 ]]; then
-        preempted=1
+    local saved=""
+    if [[ -f "$REQUEUE_MARKER" ]]; then
+        saved="$(head -n 1 "$REQUEUE_MARKER")"
+        rm -f "$REQUEUE_MARKER"
     fi
-    if [[ "$preempted" -eq 1 && "$GOT_TERM" -eq 0 ]]; then
-        echo "launcher: training stopped for preemption (exit $LAUNCH_RC): scontrol requeue $SLURM_JOB_ID"
+    if [[ -n "$saved" && ( "$GOT_TERM" -eq 0 || "$GOT_USR1" -eq 1 ) ]]; then
+        echo "launcher: preemption stop with the state saved ($saved), step exit $LAUNCH_RC: scontrol requeue $SLURM_JOB_ID"
         scontrol requeue "$SLURM_JOB_ID"
         exit 0
     fi
-    echo "launcher: training step finished with exit code $LAUNCH_RC"
+    if [[ -n "$saved" ]]; then
+        echo "launcher: SIGTERM without warning (scancel or Slurm preemption): not requeued; resubmitting resumes from $saved"
+    fi
+    echo "launcher: training step finished with exit code $LAUNCH_RC (not requeued)"
     exit "$LAUNCH_RC"
 }
 
@@ -166,18 +175,19 @@ slurm_main() {
     find_repo_dir
     find_python
     parse_args "$default_config" "$@"
-    read_requeue_exit_code
     slurm_topology "$default_gpus_per_node"
     build_slurm_command
     export_step_env
     echo "job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}): $NNODES nodes x $GPUS_PER_NODE GPUs = $WORLD_SIZE ranks"
     echo "hosts: ${HOSTS[*]}"
     echo "master: $MASTER_ADDR:$MASTER_PORT"
-    echo "requeue exit code: $REQUEUE_EXIT_CODE"
+    REQUEUE_MARKER="${REQUEUE_MARKER:-$REPO_DIR/logs/.requeue-$SLURM_JOB_ID}"
+    echo "requeue marker: $REQUEUE_MARKER"
     if [[ "${DRY_RUN:-0}" == 1 ]]; then
         print_command "${LAUNCH[@]}"
         return 0
     fi
+    prepare_requeue_marker
     run_step
     requeue_if_preempted
 }

@@ -1,11 +1,13 @@
 """Launchers under a fake Slurm: `scontrol`, `srun` and the trainer are small executables on PATH.
 
 The fake `srun` runs every task locally with Slurm's per-task variables and forwards SIGUSR1 to
-them, like the real one; the fake trainer records its environment and plays the preemption path
-(checkpoint-free: it only exits with the requeue code).
+them, like the real one; the fake trainer records its environment and plays the preemption paths
+of engine/train.py (checkpoint-free): rank 0 writes the requeue marker when its "checkpoint" is
+complete, a crash writes none. (The real trainer's side of the marker: tests/test_preemption.py.)
 """
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import signal
@@ -15,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.preemption import REQUEUE_EXIT_CODE, REQUEUE_MARKER_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCHERS = REPO / "launchers"
 SCRIPTS = sorted(LAUNCHERS.glob("*.sh"))
@@ -22,7 +26,7 @@ SLURM_SCRIPTS = {
     "slurm_8node.sh": "configs/imagenet256/diffmoe_l_e16_flow.yaml",
     "slurm_t2i.sh": "configs/t2i/diffmoe_l_e16_t2i_256.yaml",
 }
-REQUEUE = 42  # the fake repository's engine/preemption.py value
+SAVED = "checkpoint runs/x/checkpoints/step_0000007"  # what the fake rank 0 writes into the marker
 
 FAKE_SCONTROL = """#!/usr/bin/env bash
 echo "scontrol $*" >> "$FAKE_DIR/calls"
@@ -55,17 +59,28 @@ done
 exit "$rc"
 """
 
-# Stands in for `python`: records the task environment, then exits with FAKE_RC, or waits for
-# SIGUSR1 and exits with the requeue code (what engine/preemption.py does after its checkpoint).
-FAKE_PYTHON = """#!/usr/bin/env bash
-echo "RANK=$RANK WORLD_SIZE=$WORLD_SIZE LOCAL_RANK=$LOCAL_RANK LOCAL_WORLD_SIZE=$LOCAL_WORLD_SIZE \
-MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT ARGS=$*" > "$FAKE_DIR/task_$RANK"
-if [[ "$FAKE_MODE" == wait_usr1 ]]; then
-    trap 'echo usr1 >> "$FAKE_DIR/task_$RANK"; exit 42' USR1
-    touch "$FAKE_DIR/ready_$RANK"
-    while true; do sleep 0.05; done
-fi
-exit "$FAKE_RC"
+# Stands in for `python`: records the task environment, then plays FAKE_MODE:
+#   exit        exit with FAKE_RC (rank 0 first writes the marker when FAKE_SAVED=1);
+#   usr1_save   on SIGUSR1 "checkpoint" (rank 0 writes the marker) and exit with the requeue code;
+#   usr1_crash  on SIGUSR1 crash (exit 1, no marker), e.g. a rank failing during the save;
+#   slow_save   on SIGUSR1 start saving; the save completes when SIGTERM (the time limit) arrives;
+#   term_save   on SIGTERM "checkpoint" and exit with the requeue code.
+# The waiting modes write ready_RANK (their pid) once their traps are set.
+FAKE_PYTHON = f"""#!/usr/bin/env bash
+echo "RANK=$RANK WORLD_SIZE=$WORLD_SIZE LOCAL_RANK=$LOCAL_RANK LOCAL_WORLD_SIZE=$LOCAL_WORLD_SIZE \\
+MASTER_ADDR=$MASTER_ADDR MASTER_PORT=$MASTER_PORT {REQUEUE_MARKER_ENV}=${REQUEUE_MARKER_ENV} ARGS=$*" > "$FAKE_DIR/task_$RANK"
+mark() {{ if [[ "$RANK" == 0 ]]; then echo "{SAVED}" > "${REQUEUE_MARKER_ENV}"; fi; }}
+saved() {{ mark; exit {REQUEUE_EXIT_CODE}; }}
+note() {{ echo "$1" >> "$FAKE_DIR/task_$RANK"; }}
+case "$FAKE_MODE" in
+    exit) if [[ "$FAKE_SAVED" == 1 ]]; then mark; fi; exit "$FAKE_RC" ;;
+    usr1_save) trap 'note usr1; saved' USR1 ;;
+    usr1_crash) trap 'note usr1; exit 1' USR1 ;;
+    slow_save) trap 'note usr1; touch "$FAKE_DIR/saving_$RANK"' USR1; trap 'note term; saved' TERM ;;
+    term_save) trap 'note term; saved' TERM ;;
+esac
+echo $$ > "$FAKE_DIR/ready_$RANK"
+while true; do sleep 0.05; done
 """
 
 
@@ -81,7 +96,6 @@ def fake(tmp_path: Path) -> dict:
     (repo / "engine").mkdir(parents=True)
     (repo / "launchers").symlink_to(LAUNCHERS)
     (repo / "engine" / "train.py").write_text("")
-    (repo / "engine" / "preemption.py").write_text(f"import signal\n\nREQUEUE_EXIT_CODE: int = {REQUEUE}  # requeue\n")
     for config in [*SLURM_SCRIPTS.values(), "configs/quickstart.yaml", "configs/mine.yaml"]:
         (repo / config).parent.mkdir(parents=True, exist_ok=True)
         (repo / config).write_text("name: test\n")
@@ -103,9 +117,11 @@ def fake(tmp_path: Path) -> dict:
         "SLURM_JOB_ID": "4242",
         "SLURM_JOB_NODELIST": "gpu-a[17-18]",
         "SLURM_NTASKS_PER_NODE": "2(x2)",
+        "SLURM_CPUS_PER_TASK": "12",
         "SLURM_SUBMIT_DIR": str(repo),
     }
-    return {"repo": repo, "env": env, "state": state, "bin": bin_dir}
+    marker = repo / "logs" / ".requeue-4242"
+    return {"repo": repo, "env": env, "state": state, "bin": bin_dir, "marker": marker}
 
 
 def _run(fake: dict, script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -116,6 +132,10 @@ def _run(fake: dict, script: str, *args: str, **env: str) -> subprocess.Complete
 def _calls(fake: dict) -> list[str]:
     path = fake["state"] / "calls"
     return path.read_text().splitlines() if path.exists() else []
+
+
+def _requeues(fake: dict) -> list[str]:
+    return [call for call in _calls(fake) if call.startswith("scontrol requeue")]
 
 
 def test_scripts_parse_and_pass_shellcheck():
@@ -135,12 +155,20 @@ def test_slurm_dry_run_prints_hosts_and_launch(fake, script):
     lines = result.stdout.splitlines()
     assert "hosts: gpu-a17 gpu-a18" in lines
     assert "master: gpu-a17:24242" in lines  # 20000 + job id % 20000
-    assert f"requeue exit code: {REQUEUE}" in lines
+    assert f"requeue marker: {fake['marker']}" in lines
     assert shlex.split(lines[-1]) == [
-        "srun", "--nodes=2", "--ntasks-per-node=2", "--kill-on-bad-exit=1", "bash", "launchers/slurm_task.sh",
-        fake["env"]["PYTHON"], "engine/train.py", "--config", "configs/mine.yaml",
+        "srun", "--nodes=2", "--ntasks-per-node=2", "--kill-on-bad-exit=1", "--cpus-per-task=12",
+        "bash", "launchers/slurm_task.sh", fake["env"]["PYTHON"], "engine/train.py", "--config", "configs/mine.yaml",
         "train.resume=auto", "train.max_steps=5", "model.moe.pool=ep_group"]
     assert _calls(fake) == ["scontrol show hostnames gpu-a[17-18]"]  # nothing launched, nothing requeued
+
+
+def test_srun_gets_cpus_per_task_only_when_the_job_has_it(fake):
+    env = {k: v for k, v in fake["env"].items() if k != "SLURM_CPUS_PER_TASK"}
+    result = subprocess.run(["bash", "launchers/slurm_8node.sh", "configs/mine.yaml"], cwd=fake["repo"],
+                            env={**env, "DRY_RUN": "1"}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert not any(arg.startswith("--cpus-per-task") for arg in shlex.split(result.stdout.splitlines()[-1]))
 
 
 @pytest.mark.parametrize("script", sorted(SLURM_SCRIPTS))
@@ -151,49 +179,139 @@ def test_slurm_default_config_and_header(fake, script):
     assert argv[argv.index("--config") + 1] == SLURM_SCRIPTS[script]
     assert argv[-2:] == ["train.resume=auto", "train.lr=2e-4"]
     header = [line for line in (LAUNCHERS / script).read_text().splitlines() if line.startswith("#SBATCH")]
-    for directive in ["--nodes=8", "--ntasks-per-node=8", "--gpus-per-node=8", "--exclusive", "--requeue",
-                      "--signal=B:USR1@180", "--output=logs/%x-%j.out"]:
+    for directive in ["--nodes=8", "--ntasks-per-node=8", "--gpus-per-node=8", "--cpus-per-task=12", "--exclusive",
+                      "--requeue", "--signal=B:USR1@180", "--output=logs/%x-%j.out"]:
         assert f"#SBATCH {directive}" in header
 
 
-def test_slurm_run_maps_tasks_and_requeues_on_exit_code(fake):
-    result = _run(fake, "slurm_8node.sh", "configs/mine.yaml", FAKE_RC=str(REQUEUE))
+def test_slurm_run_maps_tasks_and_requeues_on_the_marker(fake):
+    result = _run(fake, "slurm_8node.sh", "configs/mine.yaml", FAKE_SAVED="1", FAKE_RC="137")
     assert result.returncode == 0, result.stdout + result.stderr
     tasks = sorted(p.read_text().strip() for p in fake["state"].glob("task_*"))
     expected = [f"RANK={r} WORLD_SIZE=4 LOCAL_RANK={r % 2} LOCAL_WORLD_SIZE=2 MASTER_ADDR=gpu-a17 MASTER_PORT=24242 "
-                "ARGS=engine/train.py --config configs/mine.yaml train.resume=auto" for r in range(4)]
+                f"{REQUEUE_MARKER_ENV}={fake['marker']} ARGS=engine/train.py --config configs/mine.yaml "
+                "train.resume=auto" for r in range(4)]
     assert tasks == expected
     assert _calls(fake)[-1] == "scontrol requeue 4242"
+    assert f"state saved ({SAVED})" in result.stdout
+    assert not fake["marker"].exists()  # consumed
 
 
-@pytest.mark.parametrize("rc", [0, 3])
-def test_slurm_run_without_preemption_does_not_requeue(fake, rc):
+@pytest.mark.parametrize("rc", [0, 3, REQUEUE_EXIT_CODE])
+def test_no_marker_no_requeue(fake, rc):
+    """The exit code alone never requeues (not even the requeue code): only a saved state does."""
     result = _run(fake, "slurm_8node.sh", "configs/mine.yaml", FAKE_RC=str(rc))
     assert result.returncode == rc
-    assert not any("requeue" in call for call in _calls(fake))
+    assert _requeues(fake) == []
     assert len(list(fake["state"].glob("task_*"))) == 4
 
 
-def test_usr1_reaches_every_rank_and_requeues(fake):
-    proc = subprocess.Popen(["bash", "launchers/slurm_8node.sh", "configs/mine.yaml"], cwd=fake["repo"],
-                            env={**fake["env"], "FAKE_MODE": "wait_usr1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
+def test_a_marker_of_an_earlier_run_is_consumed_at_start(fake):
+    fake["marker"].parent.mkdir(parents=True)
+    fake["marker"].write_text(SAVED + "\n")  # left by the run before a requeue whose launcher died
+    result = _run(fake, "slurm_8node.sh", "configs/mine.yaml", FAKE_RC="1")
+    assert result.returncode == 1
+    assert _requeues(fake) == []
+    assert not fake["marker"].exists()
+
+
+class Job:
+    """A launcher run under the fake Slurm whose tasks wait for signals (FAKE_MODE), driven by the test."""
+
+    def __init__(self, fake: dict, mode: str):
+        self.fake = fake
+        self.proc = subprocess.Popen(["bash", "launchers/slurm_8node.sh", "configs/mine.yaml"], cwd=fake["repo"],
+                                     env={**fake["env"], "FAKE_MODE": mode}, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        self.task_pids = [int(self.wait_for("ready", 4)[r].read_text()) for r in range(4)]
+
+    def wait_for(self, what: str, count: int) -> list[Path]:
+        """The state files `what_RANK` of `count` tasks, once they exist (the tasks report progress there)."""
         deadline = time.monotonic() + 30
-        while len(list(fake["state"].glob("ready_*"))) < 4:
-            assert proc.poll() is None and time.monotonic() < deadline, "tasks did not start"
+        while len(found := sorted(self.fake["state"].glob(f"{what}_*"))) < count:
+            assert self.proc.poll() is None and time.monotonic() < deadline, f"tasks did not reach '{what}'"
             time.sleep(0.05)
-        proc.send_signal(signal.SIGUSR1)  # what sbatch --signal=B:USR1@180 does
-        out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, out
-    assert "SIGUSR1 received" in out
-    for rank in range(4):
-        assert (fake["state"] / f"task_{rank}").read_text().splitlines()[-1] == "usr1"
+        return found
+
+    def usr1(self) -> None:
+        self.proc.send_signal(signal.SIGUSR1)  # what sbatch --signal=B:USR1@180 does: the batch shell only
+
+    def term(self) -> None:
+        """Time limit, scancel or preemption: Slurm signals the batch shell and every task."""
+        self.proc.send_signal(signal.SIGTERM)
+        for pid in self.task_pids:
+            os.kill(pid, signal.SIGTERM)
+
+    def finish(self) -> tuple[int, str]:
+        try:
+            out, _ = self.proc.communicate(timeout=30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode, out
+
+    def task_notes(self) -> list[list[str]]:
+        return [(self.fake["state"] / f"task_{r}").read_text().splitlines()[1:] for r in range(4)]
+
+
+@pytest.fixture
+def job(fake):
+    jobs: list[Job] = []
+
+    def start(mode: str) -> Job:
+        jobs.append(Job(fake, mode))
+        return jobs[-1]
+
+    yield start
+    for j in jobs:
+        if j.proc.poll() is None:
+            j.proc.kill()
+            j.proc.wait()
+
+
+def test_usr1_reaches_every_rank_and_requeues(fake, job):
+    run = job("usr1_save")
+    run.usr1()
+    rc, out = run.finish()
+    assert rc == 0, out
+    assert "SIGUSR1 received" in out and f"state saved ({SAVED})" in out
+    assert run.task_notes() == [["usr1"]] * 4
     assert _calls(fake)[-2:] == ["srun forwards USR1", "scontrol requeue 4242"]
+    assert not fake["marker"].exists()
+
+
+def test_crash_after_usr1_is_not_requeued(fake, job):
+    run = job("usr1_crash")
+    run.usr1()
+    rc, out = run.finish()
+    assert rc == 1, out
+    assert run.task_notes() == [["usr1"]] * 4
+    assert _requeues(fake) == [], out
+    assert "exit code 1 (not requeued)" in out
+
+
+def test_sigterm_after_a_complete_checkpoint_requeues(fake, job):
+    """USR1, a save slower than the warning, the time limit's SIGTERM, then the save completes."""
+    run = job("slow_save")
+    run.usr1()
+    run.wait_for("saving", 4)
+    run.term()
+    rc, out = run.finish()
+    assert rc == 0, out
+    assert run.task_notes() == [["usr1", "term"]] * 4
+    assert _calls(fake)[-1] == "scontrol requeue 4242", out
+
+
+def test_sigterm_without_warning_is_not_requeued(fake, job):
+    """scancel (or a Slurm preemption, which requeues by itself): checkpoint, but no requeue."""
+    run = job("term_save")
+    run.term()
+    rc, out = run.finish()
+    assert rc == REQUEUE_EXIT_CODE, out
+    assert _requeues(fake) == []
+    assert "not requeued; resubmitting resumes from" in out
+    assert not fake["marker"].exists()
 
 
 def test_slurm_errors_name_the_problem(fake):
@@ -203,16 +321,6 @@ def test_slurm_errors_name_the_problem(fake):
     assert result.returncode == 2 and "'max_steps' is not of the form key.path=value" in result.stderr
     result = _run(fake, "slurm_8node.sh", DRY_RUN="1", SLURM_JOB_ID="")
     assert result.returncode == 2 and "SLURM_JOB_ID is not set" in result.stderr
-    (fake["repo"] / "engine" / "preemption.py").write_text("# nothing here\n")
-    result = _run(fake, "slurm_8node.sh", DRY_RUN="1")
-    assert result.returncode == 2 and "REQUEUE_EXIT_CODE" in result.stderr
-
-
-def test_launcher_reads_the_real_requeue_exit_code(fake):
-    preemption = pytest.importorskip("engine.preemption")
-    shutil.copy(REPO / "engine" / "preemption.py", fake["repo"] / "engine" / "preemption.py")
-    result = _run(fake, "slurm_8node.sh", DRY_RUN="1")
-    assert f"requeue exit code: {preemption.REQUEUE_EXIT_CODE}" in result.stdout.splitlines()
 
 
 @pytest.mark.parametrize("gpus, nproc_env, expected", [(0, None, 1), (0, "2", 2), (4, None, 4)])
