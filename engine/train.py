@@ -11,18 +11,24 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 if __package__ in (None, ""):  # `python engine/train.py`: import from the repository root, not engine/
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import torch
+from engine.preemption import PreemptionHandler, write_requeue_marker  # standard library only: milliseconds
+
+# First thing in the process, before torch and DeepSpeed load (seconds) and the model, engine and
+# checkpoint (minutes at scale): from here on SIGUSR1 / SIGTERM stop the job cleanly instead of killing it.
+EARLY_PREEMPTION = PreemptionHandler() if __name__ == "__main__" else None
+
+import torch  # noqa: E402
 
 from engine.config import Config, ConfigError, config_or_exit
 from engine.data import DataError, build_train_loader
 from engine.ema import EMA
 from engine.monitor import setup_logging
-from engine.preemption import PreemptionHandler
-from engine.run_dir import prepare_run_dir
+from engine.run_dir import RunLockError, prepare_run_dir, run_dir_lock
 from engine.text_conditioning import build_text_conditioner
 from engine.train_events import TrainEvents
 from engine.train_metrics import IntervalMeter
@@ -32,7 +38,8 @@ from models.diffusion import build_diffusion
 from parallel.checkpoint import CheckpointError, load_checkpoint, resolve_resume
 from parallel.expert_parallel import all_reduce_sum, attach_expert_parallel, optimizer_param_groups
 from parallel.groups import create_groups
-from parallel.zero import batch_layout, init_distributed, initialize_engine, run_then_exit, shutdown_distributed
+from parallel.zero import (DistContext, batch_layout, init_distributed, initialize_engine, run_then_exit,
+                           shutdown_distributed)
 
 
 class NonFiniteStop(RuntimeError):
@@ -47,11 +54,34 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def train(cfg: Config) -> None:
+def stop_for_requeue(preemption: PreemptionHandler, dist: DistContext, saved: str) -> NoReturn:
+    """Every rank, once the state is on disk (`saved` says where): rank 0 writes the launcher's requeue
+    marker, all ranks leave the process group together and exit with the requeue code."""
+    if dist.is_main:
+        write_requeue_marker(saved)
+    shutdown_distributed()
+    raise SystemExit(preemption.exit_code)
+
+
+def stop_if_preempted(preemption: PreemptionHandler, dist: DistContext, resume_from: Path | None) -> None:
+    """Before the first step (collective): a signal during start-up stops without a checkpoint, as
+    nothing has been trained since `resume_from` (None: the start), which the requeued job resumes."""
+    if preemption.requested(all_reduce_sum):
+        stop_for_requeue(preemption, dist, f"nothing trained yet; resumes from {resume_from or 'the start'}")
+
+
+def train(cfg: Config, preemption: PreemptionHandler) -> None:
     dist = init_distributed(cfg)
     setup_logging(dist.rank)
+    with run_dir_lock(cfg.run_dir, dist.is_main):  # refuses when another live job trains in this folder
+        train_locked(cfg, dist, preemption)
+
+
+def train_locked(cfg: Config, dist: DistContext, preemption: PreemptionHandler) -> None:
     mb, accum = batch_layout(cfg, dist.world_size)
     run = prepare_run_dir(cfg, dist.is_main)
+    resume_from = resolve_resume(cfg)
+    stop_if_preempted(preemption, dist, resume_from)
     text = build_text_conditioner(cfg, dist.device)  # frozen caption encoder; None when class-conditional
     torch.manual_seed(cfg.train.seed)  # identical on all ranks: dense weights start equal everywhere
     groups = create_groups(cfg.parallel.ep_size)
@@ -59,7 +89,6 @@ def train(cfg: Config) -> None:
     attach_expert_parallel(model, cfg, groups)
     engine = initialize_engine(model, optimizer_param_groups(model, cfg), cfg, mb, accum, dist)
     model, ema, objective = engine.module, EMA(engine.module), build_diffusion(cfg)
-    resume_from = resolve_resume(cfg)
     state = load_checkpoint(resume_from, engine, ema, cfg) if resume_from else {"step": 0}
     start = state["step"]
     loader = build_train_loader(cfg, dist.rank, dist.world_size, mb, accum, start)
@@ -68,7 +97,7 @@ def train(cfg: Config) -> None:
     events = TrainEvents(cfg, run, dist, engine, ema, objective, loader, start, last_checkpoint=resume_from, text=text)
     meter = IntervalMeter(dist.device, cfg.train.global_batch_size, model.num_tokens, model.flops_per_sample(),
                           dist.world_size)
-    preemption = PreemptionHandler()
+    stop_if_preempted(preemption, dist, resume_from)
     moe.set_step(model, start)
     if start >= cfg.train.max_steps:
         events.report_finished(start)
@@ -90,25 +119,25 @@ def train(cfg: Config) -> None:
                           update_skipped=not applied)
         if preempted:
             events.close()
-            shutdown_distributed()
-            raise SystemExit(preemption.exit_code)
+            stop_for_requeue(preemption, dist, f"checkpoint {events.last_checkpoint}")
     events.close(finished=True)
     shutdown_distributed()
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, preemption: PreemptionHandler | None = None) -> None:
     sys.stdout.reconfigure(line_buffering=True)  # log lines reach Slurm / tee'd files as they happen
+    preemption = preemption or PreemptionHandler()
     args = parse_args(argv)
     cfg = config_or_exit(args.config, args.overrides)
     try:
-        train(cfg)
+        train(cfg, preemption)
     except ConfigError as e:  # problems visible only once the world size or run folder is known
         print(f"config error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    except (NonFiniteStop, CheckpointError, DataError) as e:
+    except (NonFiniteStop, CheckpointError, DataError, RunLockError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 
 
 if __name__ == "__main__":
-    run_then_exit(main)
+    run_then_exit(lambda: main(preemption=EARLY_PREEMPTION))

@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import sys
+from argparse import Namespace
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
@@ -75,8 +76,10 @@ def init_distributed(cfg: Config) -> DistContext:
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
     backend = resolve_backend(cfg.parallel.backend)
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
+        # Modulo: with per-task GPU binding (srun --gpus-per-task, CUDA_VISIBLE_DEVICES per rank) a task
+        # sees fewer GPUs than LOCAL_RANK counts, often just its own as device 0.
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
         if "OMP_NUM_THREADS" not in os.environ:
@@ -200,7 +203,9 @@ def initialize_engine(model: torch.nn.Module, param_groups: list[dict], cfg: Con
     model.to(dist.device)
     optimizer = build_optimizer(param_groups, cfg, dist.device)
     ds_config = deepspeed_config(cfg, micro_batch_size, grad_accum, dist.world_size, use_bf16(cfg, dist.device))
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
+    # DeepSpeed would pick cuda:LOCAL_RANK itself; give it the device init_distributed chose.
+    device_rank = Namespace(device_rank=dist.device.index) if dist.device.type == "cuda" else None
+    engine, *_ = deepspeed.initialize(args=device_rank, model=model, optimizer=optimizer,
                                       lr_scheduler=warmup_schedule(optimizer, cfg.train.warmup_steps),
                                       config=ds_config, dist_init_required=False)
     return engine
