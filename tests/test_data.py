@@ -35,17 +35,17 @@ def _npy(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _latent_sample(i: int) -> dict:
-    latent = np.stack([np.full((4, 2, 2), i + 1.0), np.full((4, 2, 2), -(i + 1.0))]).astype(np.float16)
+def _latent_sample(i: int, side: int) -> dict:
+    latent = np.stack([np.full((4, side, side), i + 1.0), np.full((4, side, side), -(i + 1.0))]).astype(np.float16)
     return {"__key__": f"{i:05d}", "latent.npy": _npy(latent), "cls": str(i % 5)}
 
 
-def write_latent_shards(root: Path, sizes: tuple[int, ...] = SHARD_SIZES) -> Path:
+def write_latent_shards(root: Path, sizes: tuple[int, ...] = SHARD_SIZES, side: int = 2) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     names, first = [], 0
     for number, size in enumerate(sizes):
         names.append(shard_name(number))
-        write_shard(root / names[-1], (_latent_sample(i) for i in range(first, first + size)))
+        write_shard(root / names[-1], (_latent_sample(i, side) for i in range(first, first + size)))
         first += size
     write_index(root, names, {"kind": "imagenet", "num_classes": 5})
     return root

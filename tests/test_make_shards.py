@@ -138,6 +138,47 @@ def test_rerun_redoes_only_missing_shards_and_ranks_split_the_work(imagenet_out,
     assert code == 2 and "shard_size" in err  # a changed conversion is refused, not mixed in
 
 
+def test_only_rank_0_walks_the_source_tree(imagenet_out, image_folder, vae_dir, tmp_path, monkeypatch) -> None:
+    """Ranks > 0 (and reruns) read OUT/listing.jsonl: no directory listing under --src."""
+    src = image_folder[0]
+    listed: dict[int, list[str]] = {0: [], 1: []}
+    rank = [0]
+    for name in ("scandir", "listdir", "walk"):
+        real = getattr(os, name)
+
+        def counting(path=".", *args, _real=real, **kwargs):
+            if str(Path(os.fspath(path)).resolve()).startswith(str(src.resolve())):
+                listed[rank[0]].append(os.fspath(path))
+            return _real(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, counting)
+    out = tmp_path / "split"
+    args = ["imagenet", "--src", src, "--vae", vae_dir, "--image-size", SIZE, "--shard-size", 4, "--out", out]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank[0] in (0, 1):
+        monkeypatch.setenv("RANK", str(rank[0]))
+        code, err = run_main(*args)
+        assert code == 0, err
+    assert listed[0] and not listed[1]  # rank 0 walked the 3 class folders; rank 1 did not list anything
+    reference = {n: (imagenet_out[0] / n).read_bytes() for n in ("shard-000000.tar", "shard-000001.tar", "shard-000002.tar")}
+    assert {n: (out / n).read_bytes() for n in reference} == reference  # same shards as one rank alone
+    listed[0].clear()
+    for shard in reference:  # a rerun of rank 0 redoes missing shards from the listing, without walking
+        (out / shard).unlink()
+    rank[0] = 0
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert run_main(*args)[0] == 0 and listed[0] == []
+    assert {n: (out / n).read_bytes() for n in reference} == reference
+
+
+def test_a_rank_waiting_for_the_listing_gives_up_with_a_clear_error(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, err = run_main("imagenet", "--src", tmp_path, "--out", tmp_path / "out", "--no-vae", "--listing-wait", 0)
+    assert code == 2 and "listing.jsonl" in err and "rank 0" in err
+
+
 @pytest.mark.slow
 def test_worker_processes_write_the_same_shards(imagenet_out, image_folder, vae_dir, tmp_path) -> None:
     out, _ = imagenet_out

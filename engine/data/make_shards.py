@@ -6,6 +6,8 @@
     python -m engine.data.make_shards index --shards DIR      # index webdataset shards made elsewhere
 
 Run it again to resume; run it under srun/torchrun (RANK/WORLD_SIZE) to split the shards over ranks.
+Only rank 0 walks --src: it writes the numbered listing to OUT/listing.jsonl, which the other ranks
+(and every rerun into the same --out) read instead of listing the source tree again.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ import dataclasses
 import json
 import logging
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +28,8 @@ from engine.data.images import is_image_file
 from engine.data.shards import DataError, atomic_write_text, index_shard, write_index
 
 LISTING_SEED = 0  # inputs are shuffled once, so every shard mixes classes (matters for data.order=stream)
+LISTING_FILE = "listing.jsonl"  # header line, then one numbered Item per line in key order
+LISTING_POLL_S = 1.0
 log = logging.getLogger("engine.data.make_shards")
 
 
@@ -79,6 +85,71 @@ def number_items(items: list[Item]) -> list[Item]:
     return [dataclasses.replace(items[i], number=n) for n, i in enumerate(order)]
 
 
+@dataclass
+class Listing:
+    """What rank 0 found under --src: numbered items, inputs left out, class folder names (imagenet)."""
+
+    kind: str
+    src: str
+    items: list[Item]
+    skipped: list[dict]
+    classes: list[str]
+
+
+def take_listing(kind: str, src: Path) -> Listing:
+    """Walk --src (the only walk of the conversion) and number the items."""
+    classes: list[str] = []
+    if kind == "imagenet":
+        classes, items = list_imagenet(src)
+        skipped: list[dict] = []
+    elif src.is_file():
+        items, skipped = list_caption_jsonl(src)
+    elif src.is_dir():
+        items, skipped = list_caption_folder(src)
+    else:
+        raise DataError(f"--src {src}: neither a folder nor a JSONL file")
+    return Listing(kind, str(src.resolve()), number_items(items), skipped, classes)
+
+
+def write_listing(path: Path, listing: Listing) -> None:
+    header = {"kind": listing.kind, "src": listing.src, "count": len(listing.items),
+              "skipped": listing.skipped, "classes": listing.classes}
+    lines = [json.dumps(header), *(json.dumps(dataclasses.asdict(item)) for item in listing.items)]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def read_listing(path: Path, kind: str, src: Path) -> Listing:
+    with open(path, encoding="utf-8") as f:
+        header = json.loads(f.readline())
+        if (header["kind"], header["src"]) != (kind, str(src.resolve())):
+            raise DataError(f"{path} lists `{header['kind']} --src {header['src']}`, not `{kind} --src {src}`: "
+                            "use another --out, or delete the folder to convert another source")
+        items = [Item(**json.loads(line)) for line in f]
+    if len(items) != header["count"]:
+        raise DataError(f"{path}: {len(items)} items, its header says {header['count']}; delete it and rerun")
+    return Listing(kind, header["src"], items, header["skipped"], header["classes"])
+
+
+def shared_listing(kind: str, src: Path, out: Path, rank: int, wait_s: float) -> Listing:
+    """The listing of this conversion: read from OUT/listing.jsonl if there; else rank 0 walks --src
+    and writes it while the other ranks wait for it (at most `wait_s` seconds)."""
+    path = out / LISTING_FILE
+    if rank == 0 and not path.exists():
+        listing = take_listing(kind, src)
+        out.mkdir(parents=True, exist_ok=True)
+        write_listing(path, listing)
+        return listing
+    deadline = time.monotonic() + wait_s
+    if not path.exists():
+        log.warning("rank %d: waiting for rank 0 to list --src into %s", rank, path)
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise DataError(f"rank {rank}: no {path} after {wait_s:.0f} s (--listing-wait): rank 0 lists --src "
+                            "and writes it; did rank 0 fail or get another --out?")
+        time.sleep(LISTING_POLL_S)
+    return read_listing(path, kind, src)
+
+
 def index_existing(root: Path) -> dict:
     """Sidecars and index.json for webdataset shards written by other tools."""
     names = sorted(p.name for p in root.glob("*.tar"))
@@ -102,6 +173,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto (cuda:LOCAL_RANK if CUDA, else cpu), cpu, cuda:N")
     parser.add_argument("--image-format", choices=("png", "jpg"), default="png",
                         help="stored images: png (lossless, default) or jpg (quality 95, smaller)")
+    parser.add_argument("--listing-wait", type=float, default=7200,
+                        help="seconds ranks > 0 wait for rank 0's listing of --src (default 7200)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,27 +214,22 @@ def _summary(index: dict | None, out: Path) -> None:
 def run(args: argparse.Namespace) -> dict | None:
     if args.command == "index":
         return index_existing(args.shards)
+    rank = dist_env()[0]
+    listing = shared_listing(args.command, args.src, args.out, rank, args.listing_wait)
     if args.command == "imagenet":
-        classes, items = list_imagenet(args.src)
-        listing_skipped: list[dict] = []
-        meta = {"kind": "imagenet", "num_classes": len(classes), "classes": "classes.json"}
-        args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out / "classes.json", json.dumps({name: i for i, name in enumerate(classes)}, indent=1))
+        meta = {"kind": "imagenet", "num_classes": len(listing.classes), "classes": "classes.json"}
+        if rank == 0:
+            atomic_write_text(args.out / "classes.json",
+                              json.dumps({name: i for i, name in enumerate(listing.classes)}, indent=1))
         vae, text_encoder, store_image = args.vae or "", "", bool(args.no_vae)
     else:
-        if args.src.is_file():
-            items, listing_skipped = list_caption_jsonl(args.src)
-        elif args.src.is_dir():
-            items, listing_skipped = list_caption_folder(args.src)
-        else:
-            raise DataError(f"--src {args.src}: neither a folder nor a JSONL file")
-        for entry in listing_skipped:
+        for entry in listing.skipped:
             log.warning("skipping %s (%s)", entry["path"], entry["error"])
         meta = {"kind": "captions"}
         vae, text_encoder, store_image = args.vae, args.text_encoder, True
     settings = EncodeSettings(args.image_size, args.image_format, store_image, vae, text_encoder,
                               getattr(args, "max_length", 0), args.batch_size, args.device)
-    return convert(number_items(items), args.out, args.shard_size, settings, args.workers, meta, listing_skipped)
+    return convert(listing.items, args.out, args.shard_size, settings, args.workers, meta, listing.skipped)
 
 
 def main(argv: list[str] | None = None) -> int:
