@@ -10,56 +10,46 @@ Two exact selections (`parallel.pool_selection`):
 
 * `gather`: all-gather the [T, E] scores and rank them locally. Simple; each rank sends
   (n - 1) * T * E * 4 bytes, growing with the token count and the group size n.
-* `radix` (default): a distributed bucket (radix-style) select over order-preserving integer keys
-  of the scores (the float bits, flipped so that integer order is float order):
-    1. bracket: one all-reduce (max) of each rank's ceil(k/n)-th largest key per expert gives a
-       key range [lo, hi] certain to hold the pool's k-th largest key (usually a few dozen keys);
-    2. refine: all-reduce per-expert histograms of the keys in the range over BINS equal sub-ranges
-       (+ the count above it) and keep the sub-range holding the k-th; stop once every key of the
-       range is in the top k or the range is one key wide (at most MAX_ROUNDS rounds, usually 1-2);
-    3. each rank keeps its tokens above the range and those in it; if a single key value straddles
-       the threshold (ties), one all-gather of per-rank counts of that value gives the remaining
-       places to the lowest pool indices.
-  Metadata per selection and rank (sent, ring all-reduce ~2x the tensor): bracket E x 16 bytes,
-  each round E x (BINS + 1) x 4 bytes, + 4 bytes (token-count check); tie counts (n - 1) x E x 4
-  bytes when a tie straddles a threshold. Bounded by a constant independent of the token count
-  T and, except the tie counts, of the group size n; only the number of rounds can grow, at
-  most logarithmically in T x n (the bracket holds ~ n sqrt(T) keys) and never beyond MAX_ROUNDS.
-  `kth_largest` adds one all-reduce (min) when the k-th key is not pinned down exactly.
+* `radix` (default): a distributed most-significant-digit radix select over order-preserving
+  32-bit integer keys of the scores (the float bits, flipped so that integer order is float
+  order), on a fixed schedule of ROUNDS = 4 collectives whatever the data:
+    rounds 1-3: all-reduce (sum) per-column histograms of the next 8-bit digit of the keys that
+                match the prefix found so far; each round fixes 8 more bits of each column's k-th
+                largest key;
+    round 4:    all-gather the last digit's per-rank histograms (int16 when a rank holds < 2^15
+                tokens): their sum gives the exact k-th key v, and the per-rank counts of v give
+                each rank its share of a tie at v (lower pool positions first) in the same pass.
+  Each rank then keeps its keys above v and its share of the keys equal to v. Columns are the E
+  experts' scores plus, when asked (`kth_of`), the capacity predictor's E probability columns:
+  the threshold target comes out of the same collectives, not from a second selection. No
+  device->host sync and no data-dependent branch: every rank issues the same collectives in the
+  same order. Metadata per selection and rank: 3 all-reduces of C x 256 x 4 bytes and one
+  all-gather of C x 256 x 2 (or 4) bytes (C = E, or 2E with the predictor), independent of the
+  token count T.
+  The check that every rank holds the same number of tokens rides in round 1 and is verified by
+  the dispatcher at the host sync it makes anyway (`Selection.checks`).
 
-For world > 1 the `sample` / `micro_batch` pools choose locally but average `kth_largest` over all
-ranks, so the capacity predictor's thresholds stay identical everywhere.
+For world > 1 the `sample` / `micro_batch` pools choose locally but average the predictor's k-th
+largest values over all ranks (one all-reduce), so the capacity predictor's thresholds stay
+identical everywhere; so do cross-rank pools smaller than the world.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
 
-from models.moe.pool import LocalPool, TokenPool
+from models.moe.pool import LocalPool, Selection, TokenPool
 from parallel.comm_bytes import CommCounter, all_gather_bytes, all_reduce_bytes
 
 if TYPE_CHECKING:
     from parallel.groups import ExpertParallelGroups
 
-BINS = 64  # key ranges per refinement round
-MAX_ROUNDS = 6  # 64^6 > 2^33: any key range is one key wide after six rounds
+DIGIT_BITS = 8
+BINS = 1 << DIGIT_BITS  # histogram bins per round
+ROUNDS = 32 // DIGIT_BITS  # collectives per selection: a 32-bit key is pinned down after ROUNDS digits
 _SIGN = 1 << 31
-_NO_KEY = 1 << 40  # above every key
-
-
-@dataclass
-class _Found:
-    """Per expert [E]: the key range [lo, hi] holding the k-th largest candidate of the pool, how many
-    of its candidates belong to the top k (`need`, 0 when no candidate is wanted), and how many
-    candidates it holds over the pool (`inside`)."""
-
-    lo: torch.Tensor
-    hi: torch.Tensor
-    need: torch.Tensor
-    inside: torch.Tensor
 
 
 def order_keys(values: torch.Tensor) -> torch.Tensor:
@@ -91,106 +81,82 @@ class CrossRankPool(TokenPool):
     def pool_tokens(self, num_tokens: int, tokens_per_sample: int) -> int:
         return num_tokens * self.size
 
-    # --- selection -------------------------------------------------------------------------
-
-    def topk_mask(self, scores: torch.Tensor, k: int, tokens_per_sample: int) -> torch.Tensor:
+    def select(self, scores: torch.Tensor, k: int, tokens_per_sample: int, kth_of: torch.Tensor | None = None,
+               finite: bool = False) -> Selection:
+        num_tokens, num_experts = scores.shape
         if self.selection == "gather":
-            pooled = self._gather(scores)
-            rows = slice(self.position * scores.shape[0], (self.position + 1) * scores.shape[0])
-            return LocalPool("micro_batch").topk_mask(pooled, k, tokens_per_sample)[rows]
-        if k <= 0:  # every rank has the same k: nobody enters a collective
-            return torch.zeros_like(scores, dtype=torch.bool)
+            return self._select_gathered(scores, k, tokens_per_sample, kth_of)
         keys = order_keys(scores).masked_fill(scores.detach() == float("-inf"), -1)  # -1: not a candidate
-        found = self._select(keys, k)
-        above = keys > found.hi
-        inside = (keys >= found.lo) & (keys <= found.hi) & (keys >= 0)
-        take = found.need  # every candidate inside is taken, unless a tie straddles the threshold
-        if bool(((found.inside > found.need) & (found.need > 0)).any()):
-            # Only a one-key interval is left: its copies go to the lowest pool indices, earlier ranks first.
-            counts = self._all_gather(inside.sum(0, dtype=torch.int32))  # [n, E] per-rank tie counts
-            take = (found.need - counts[: self.position].sum(0)).clamp(min=0)
-        order_inside = inside.cumsum(0) - 1  # local index order among this rank's candidates inside
-        return (above | (inside & (order_inside < take))) & (found.need > 0)
+        if kth_of is not None:
+            keys = torch.cat([keys, order_keys(kth_of)], 1)
+        kth_key, take, total = self._radix_select(keys, k)
+        mine = keys[:, :num_experts]
+        tied = mine == kth_key[:num_experts]
+        mask = (mine > kth_key[:num_experts]) | (tied & (tied.cumsum(0) <= take[:num_experts]))
+        kth = None
+        if kth_of is not None:
+            kth = self._average_over_pools(keys_to_float(kth_key[num_experts:]).to(kth_of.dtype))
+        message = (f"model.moe.pool={self.scope}: ranks hold different token counts (this rank {num_tokens}, "
+                   f"pool {{got}} over {self.size} ranks); every rank needs the same micro-batch size")
+        return Selection(mask, None, kth, checks=((total, num_tokens * self.size, message),))
 
-    def kth_largest(self, values: torch.Tensor, k: int, tokens_per_sample: int) -> torch.Tensor:
-        k = max(1, min(k, self.pool_tokens(values.shape[0], tokens_per_sample)))
-        if self.selection == "gather":
-            pooled = self._gather(values)
-            kth = torch.topk(pooled, k, dim=0).values[k - 1]
-        else:
-            keys = order_keys(values)
-            found = self._select(keys, k)
-            kth_key = found.lo
-            if bool((found.lo < found.hi).any()):  # the interval's keys are all in the top k: take its smallest
-                inside = (keys >= found.lo) & (keys <= found.hi)
-                smallest = torch.where(inside, keys, torch.full_like(keys, _NO_KEY)).amin(0)
-                kth_key = torch.where(found.lo < found.hi, -self._all_reduce(-smallest, dist.ReduceOp.MAX), found.lo)
-            kth = keys_to_float(kth_key).to(values.dtype)
-        return self._average_over_pools(kth)
+    def _select_gathered(self, scores: torch.Tensor, k: int, tokens_per_sample: int,
+                         kth_of: torch.Tensor | None) -> Selection:
+        """`pool_selection: gather`: every rank ranks the whole pool's gathered scores."""
+        columns = scores if kth_of is None else torch.cat([scores, kth_of.to(scores.dtype)], 1)
+        pooled = self._gather(columns)
+        num_tokens, num_experts = scores.shape
+        rows = slice(self.position * num_tokens, (self.position + 1) * num_tokens)
+        local = LocalPool("micro_batch").select(pooled[:, :num_experts], k, tokens_per_sample,
+                                                None if kth_of is None else pooled[:, num_experts:])
+        kth = None if local.kth is None else self._average_over_pools(local.kth.to(kth_of.dtype))
+        return Selection(local.mask[rows], None, kth)
 
-    def _select(self, keys: torch.Tensor, k: int) -> _Found:
-        """Locate each expert's k-th largest candidate key (keys >= 0) of the pool; k is clamped to
-        the number of candidates. Collective: every rank of the group calls it with the same k."""
-        num_tokens, num_experts = keys.shape
-        candidate = keys >= 0
-        count = candidate.sum(0)
-        # Bracket. With q = ceil(k / n), at most n (q - 1) < k candidates exceed every rank's q-th
-        # largest key and at least n q >= k reach the smallest of them. A rank with fewer than q
-        # candidates bounds from above with its smallest one and leaves the lower end open (-1).
-        q = -(-k // self.size)
-        qth = keys.topk(min(q, num_tokens), dim=0).values[-1]
-        smallest = torch.where(candidate, keys, torch.full_like(keys, _NO_KEY)).amin(0)
-        full = count >= q
-        hi = torch.where(full, qth, torch.where(count > 0, smallest, -1))
-        lo = torch.where(full, qth, -1)
-        bounds = self._all_reduce(torch.cat([hi, -lo]), dist.ReduceOp.MAX)
-        hi, lo = bounds[:num_experts], -bounds[num_experts:]
-
-        # Refine: histogram the candidates of [lo, hi] into BINS equal key ranges (+ one bin for those
-        # above hi), all-reduce, keep the range holding the wanted key. Stop once every candidate of
-        # the range is wanted or the range is one key wide.
-        slot_base = torch.arange(num_experts, device=keys.device) * (BINS + 1)
-        active = torch.ones(num_experts, dtype=torch.bool, device=keys.device)
-        need = torch.zeros_like(hi)
-        inside = torch.zeros_like(hi)
+    def _radix_select(self, keys: torch.Tensor, k: int) -> tuple[torch.Tensor, ...]:
+        """keys [T, C] (>= 0 candidates, -1 not) -> per column [C]: the pool's k-th largest candidate
+        key (k clamped to the candidates; above every key when none is wanted), how many of this
+        rank's candidates equal to it belong to the top k, and (a device scalar) the pool's token
+        count. Collective: ROUNDS collectives, the same on every rank."""
+        num_tokens, columns = keys.shape
+        device = keys.device
+        base = torch.arange(columns, device=device) * BINS
+        prefix = torch.zeros(columns, dtype=torch.int64, device=device)  # the k-th key's digits found so far
+        above = torch.zeros_like(prefix)  # candidates of the pool above the prefix's key range
         wanted = None
-        for step in range(MAX_ROUNDS):
-            width = (hi - lo) // BINS + 1
-            in_range = candidate & (keys >= lo) & (keys <= hi) & active
-            over = candidate & (keys > hi) & active
-            slot = slot_base + torch.where(over, BINS, ((keys - lo) // width).clamp(0, BINS - 1))
-            hist = torch.bincount(slot[in_range | over], minlength=num_experts * (BINS + 1)).to(torch.int32)
-            if step == 0:  # also check that every rank has the same number of tokens
-                hist = self._all_reduce(torch.cat([hist, hist.new_tensor([num_tokens])]))
-                self._check_token_count(int(hist[-1]), num_tokens)
-                hist = hist[:-1]
+        for r in range(ROUNDS):
+            shift = 32 - DIGIT_BITS * (r + 1)
+            match = (keys >= 0) & ((keys >> (shift + DIGIT_BITS)) == prefix)
+            digit = (keys >> shift) & (BINS - 1)
+            hist = torch.zeros(columns * BINS, dtype=torch.int32, device=device).index_add_(
+                0, (base + digit).reshape(-1), match.reshape(-1).to(torch.int32))
+            if r == ROUNDS - 1:  # per-rank counts of the last digit: the tie split needs the lower ranks' share
+                small = torch.int16 if num_tokens < (1 << 15) else torch.int32
+                per_rank = self._all_gather(hist.to(small)).to(torch.int64).view(self.size, columns, BINS)
+                hist = per_rank.sum(0)
+            elif r == 0:  # the token count rides along: checked later, at the dispatcher's host sync
+                hist = torch.cat([hist, torch.full((1,), num_tokens, dtype=torch.int32, device=device)])
+                hist = self._all_reduce(hist)
+                total, hist = hist[-1], hist[:-1]
             else:
                 hist = self._all_reduce(hist)
-            hist = hist.view(num_experts, BINS + 1).long()
-            above, hist = hist[:, BINS], hist[:, :BINS]
-            if wanted is None:  # the range [lo, hi] holds every candidate, or at least k of them
-                wanted = torch.minimum(above + hist.sum(1), torch.full_like(above, k))
-            higher = above[:, None] + hist.flip(1).cumsum(1).flip(1) - hist  # candidates above each bin
+            hist = hist.view(columns, BINS).to(torch.int64)
+            if wanted is None:  # k, clamped to the candidates of the pool
+                wanted = torch.clamp(hist.sum(1), max=k)
+            # candidates above each bin, counting from the top digit down; the bin holding the k-th
+            higher = above[:, None] + hist.flip(1).cumsum(1).flip(1) - hist
             hit = (higher < wanted[:, None]) & (wanted[:, None] <= higher + hist)
-            b = hit.int().argmax(1, keepdim=True)
-            new_lo = lo + b.squeeze(1) * width
-            update = active & (wanted > 0)
-            lo, hi = torch.where(update, new_lo, lo), torch.where(update, torch.minimum(new_lo + width - 1, hi), hi)
-            need = torch.where(update, wanted - higher.gather(1, b).squeeze(1), need)
-            inside = torch.where(update, hist.gather(1, b).squeeze(1), inside)
-            active = update & (need != inside) & (lo != hi)
-            if not bool(active.any()):
-                break
-        return _Found(lo, hi, need, inside)
+            b = hit.to(torch.int64).argmax(1)  # no hit (nothing wanted): bin 0, and `need` below is 0
+            above = higher.gather(1, b[:, None]).squeeze(1)
+            prefix = (prefix << DIGIT_BITS) | b
+        need = (wanted - above).clamp(min=0)  # ties at the k-th key that belong to the top k
+        lower_ranks = per_rank[: self.position].sum(0).gather(1, b[:, None]).squeeze(1)
+        take = (need - lower_ranks).clamp(min=0)
+        kth_key = torch.where(wanted > 0, prefix, torch.full_like(prefix, 1 << 40))  # nothing wanted: above all keys
+        return kth_key, take, total
 
     def pool_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks of this pool (all-reduce on the pool group); not differentiable."""
         return self._all_reduce(values.detach().clone())
-
-    def _check_token_count(self, total: int, num_tokens: int) -> None:
-        if total != num_tokens * self.size:
-            raise ValueError(f"model.moe.pool={self.scope}: ranks hold different token counts (this rank {num_tokens}, "
-                             f"pool {total} over {self.size} ranks); every rank needs the same micro-batch size")
 
     # --- collectives (counted) -----------------------------------------------------------
 
@@ -200,17 +166,19 @@ class CrossRankPool(TokenPool):
         return t
 
     def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(t) for _ in range(self.size)]
-        dist.all_gather(parts, t.contiguous(), group=self.group)
-        self.counter.add("metadata_bytes", all_gather_bytes(t, self.size))
-        return torch.stack(parts)
+        """[*] -> [size, *]. Travels as bytes: NCCL has no int16, and an all-gather only copies."""
+        raw = t.contiguous().view(torch.uint8)
+        out = raw.new_empty(self.size * raw.numel())  # ranks' chunks stacked along dim 0
+        dist.all_gather_into_tensor(out, raw, group=self.group)
+        self.counter.add("metadata_bytes", all_gather_bytes(raw, self.size))
+        return out.view(self.size, *raw.shape).view(t.dtype)
 
     def _gather(self, scores: torch.Tensor) -> torch.Tensor:
-        parts = [torch.empty_like(scores) for _ in range(self.size)]
         local = scores.detach().contiguous()
-        dist.all_gather(parts, local, group=self.group)
+        out = local.new_empty((self.size * local.shape[0], *local.shape[1:]))  # ranks' rows stacked along dim 0
+        dist.all_gather_into_tensor(out, local, group=self.group)
         self.counter.add("score_gather_bytes", all_gather_bytes(local, self.size))
-        return torch.cat(parts)
+        return out
 
     def _average_over_pools(self, kth: torch.Tensor) -> torch.Tensor:
         """Mean over the job's pools: every rank adds its pool's value, each pool has `size` ranks."""
@@ -220,15 +188,18 @@ class CrossRankPool(TokenPool):
 
 
 class RankAveragedPool(LocalPool):
-    """`sample` / `micro_batch` at world > 1: local top-k, `kth_largest` averaged over all ranks."""
+    """`sample` / `micro_batch` at world > 1: local top-k, the k-th largest values averaged over all ranks."""
 
     def __init__(self, scope: str):
         super().__init__(scope)
         self.counter = CommCounter()
 
-    def kth_largest(self, values: torch.Tensor, k: int, tokens_per_sample: int) -> torch.Tensor:
-        return _world_mean(super().kth_largest(values, k, tokens_per_sample), self.counter)
-
+    def select(self, scores: torch.Tensor, k: int, tokens_per_sample: int, kth_of: torch.Tensor | None = None,
+               finite: bool = False) -> Selection:
+        local = super().select(scores, k, tokens_per_sample, kth_of, finite)
+        if local.kth is not None:
+            local.kth = _world_mean(local.kth, self.counter)
+        return local
 
 def _world_mean(t: torch.Tensor, counter: CommCounter) -> torch.Tensor:
     world = dist.get_world_size()

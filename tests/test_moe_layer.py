@@ -11,7 +11,7 @@ from torch.func import functional_call
 
 from engine.config import ModelConfig, MoEConfig, load_config
 from models import build_model, moe
-from models.moe.grouped_mm import _grouped_mm_supported, _Groups, grouped_linear
+from models.moe.grouped_mm import GroupSizes, _grouped_mm_supported, _Groups, grouped_linear
 from models.moe.layer import MoELayer
 
 torch.set_num_threads(1)
@@ -144,7 +144,8 @@ def test_gradcheck_float64(variant):
                                                   ([3, 0, 5, 1], torch.float32, "grouped"),
                                                   ([3, 0, 5, 1], torch.float64, "padded")])
 @pytest.mark.parametrize("transposed", [False, True])
-def test_grouped_linear_kernels_match_a_per_expert_loop(counts, dtype, kind, transposed):
+@pytest.mark.parametrize("known_on", ["host", "device"])
+def test_grouped_linear_kernels_match_a_per_expert_loop(counts, dtype, kind, transposed, known_on):
     if kind == "grouped" and not _grouped_mm_supported(torch.device("cpu"), dtype):
         pytest.skip("torch._grouped_mm is not available in this build")
     rows, starts = sum(counts), [sum(counts[:e]) for e in range(len(counts))]
@@ -155,10 +156,15 @@ def test_grouped_linear_kernels_match_a_per_expert_loop(counts, dtype, kind, tra
     w = param.transpose(1, 2) if transposed else param
     bias = torch.randn(4, 12, dtype=dtype, requires_grad=True)
     g = torch.randn(rows, 12, dtype=dtype)
-    assert _Groups(counts, x, w).kind == kind
+    # counts only on the device (token choice, the all-to-all's receiving side): equal counts are not
+    # recognised without reading them back, so the grouped kernel runs instead of bmm
+    sizes = GroupSizes.of(counts) if known_on == "host" else GroupSizes(rows, len(counts), device=torch.tensor(counts))
+    if known_on == "device" and kind == "equal":
+        kind = "grouped" if _grouped_mm_supported(torch.device("cpu"), dtype) else "padded"
+    assert _Groups(sizes, x, w).kind == kind
     ref = torch.cat([x[s:s + n] @ w[e] + bias[e] for e, (s, n) in enumerate(zip(starts, counts))])
     ref_grads = torch.autograd.grad((ref * g).sum(), (x, param, bias))
-    y = grouped_linear(x, w, bias, counts)
+    y = grouped_linear(x, w, bias, sizes)
     assert torch.allclose(y, ref, atol=1e-5)
     grads = torch.autograd.grad((y * g).sum(), (x, param, bias))
     for got, want, leaf in zip(grads, ref_grads, (x, param, bias)):

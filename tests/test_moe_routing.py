@@ -31,8 +31,9 @@ SCORES = torch.tensor([[0.5, 0.3, 0.2],
 
 
 def test_token_choice_top1_and_capacity_drop():
-    chosen = selection.top_k_choice(SCORES, 1)
+    chosen, experts = selection.top_k_choice(SCORES, 1)
     assert chosen.nonzero().tolist() == [[0, 0], [1, 1], [2, 2], [3, 0]]
+    assert experts.tolist() == [[0], [1], [2], [0]]
     weights = selection.token_choice_weights(SCORES, chosen, normalize=False, scaling=1.0)
     assert torch.equal(weights, SCORES * chosen)
     # capacity int(0.75 * 4 * 1 / 3) = 1: expert 0 keeps token 3 (0.7) and drops token 0 (0.5)
@@ -45,8 +46,9 @@ def test_token_choice_top1_and_capacity_drop():
 
 
 def test_token_choice_top2_renormalised_and_scaled():
-    chosen = selection.top_k_choice(SCORES, 2)
+    chosen, experts = selection.top_k_choice(SCORES, 2)
     assert chosen.nonzero().tolist() == [[0, 0], [0, 1], [1, 1], [1, 2], [2, 0], [2, 2], [3, 0], [3, 1]]
+    assert experts.tolist() == [[0, 1], [1, 2], [2, 0], [0, 1]]  # best first
     # token 2 ties 0.2/0.2 between experts 0 and 1: the lower id wins
     w = selection.token_choice_weights(SCORES, chosen, normalize=True, scaling=2.0)
     assert torch.allclose(w[0], torch.tensor([0.5 / 0.8, 0.3 / 0.8, 0.0]) * 2)
@@ -65,6 +67,10 @@ def test_expert_choice_over_pools():
     # pool=sample: samples {0,1} and {2,3}, one token per expert each
     mask = LocalPool("sample").topk_mask(SCORES, 1, tokens_per_sample=2)
     assert mask.t().nonzero().tolist() == [[0, 0], [0, 3], [1, 1], [1, 2], [2, 1], [2, 2]]
+    # finite scores: every expert takes exactly k tokens of each pool, so the positions come without nonzero
+    for scope, k, n in (("micro_batch", 2, 2), ("sample", 1, 2)):
+        chosen = LocalPool(scope).select(SCORES, k, tokens_per_sample=n, finite=True)
+        assert chosen.index.tolist() == [row.nonzero().squeeze(1).tolist() for row in chosen.mask.t()]
 
 
 def test_dynamic_choice_takes_n_best_by_router_score():
@@ -108,14 +114,14 @@ def test_predictor_loss_is_bce_against_mask():
 
 
 def test_sigmoid_bias_router_selects_on_biased_scores_and_updates_toward_balance():
-    router = Router(2, 4, "sigmoid_bias", 0.006, block_index=0)
+    router = Router(2, 4, "sigmoid_bias", block_index=0)
     with torch.no_grad():
         router.weight.zero_()
         router.balance_bias.copy_(torch.tensor([0.0, 0.3, 0.0, 0.0]))
     affinity, select = router(torch.randn(3, 2))
     assert torch.allclose(affinity, torch.full((3, 4), 0.5))  # sigmoid(0): unbiased weights
     assert torch.allclose(select[:, 1], torch.full((3,), 0.8))  # biased selection score
-    assert selection.top_k_choice(select, 1)[:, 1].all()
+    assert selection.top_k_choice(select, 1)[0][:, 1].all()
     router.update_bias(torch.tensor([10.0, 0.0, 5.0, 5.0]), rate=0.01)  # mean 5
     assert torch.allclose(router.balance_bias, torch.tensor([-0.01, 0.31, 0.0, 0.0]))  # over down, under up
     assert router.load.abs().sum() == 0

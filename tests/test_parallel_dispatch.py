@@ -1,6 +1,7 @@
 """All-to-all dispatch -> experts -> combine on real gloo ranks == LocalDispatcher on the
-concatenated batch: outputs, and gradients of the tokens, the side inputs, the router (through the
-gates) and the experts (on their owner rank); uneven loads; bytes equal the lower bound."""
+concatenated batch: outputs, and gradients of the tokens, the per-sample side inputs, the router
+(through the gates) and the experts (on their owner rank); uneven loads; bytes equal the lower
+bound (hidden states once per (token, remote rank), side inputs once per (sample, remote rank))."""
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,7 @@ from models.moe.dispatcher import LocalDispatcher, RoutingPlan
 
 pytestmark = pytest.mark.slow
 
-T, D, DC = 6, 8, 3  # tokens per rank, hidden width, side-input width
+T, D, DC, TPS = 6, 8, 3, 3  # tokens per rank, hidden width, side-input width, tokens per sample
 EXPERTS_PER_RANK = 2
 MASKS = ["random", "dense", "none", "expert_idle_on_rank0", "rank1_sends_nothing", "token_choice"]
 
@@ -21,7 +22,7 @@ def problem(world: int, ep_size: int, kind: str) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(MASKS.index(kind))
     rows = world * T
     data = {
-        "x": torch.randn(rows, D, generator=g), "c": torch.randn(rows, DC, generator=g),
+        "x": torch.randn(rows, D, generator=g), "c": torch.randn(rows // TPS, DC, generator=g),
         "router": 0.5 * torch.randn(D, num_experts, generator=g),
         "w": torch.randn(num_experts, D, D, generator=g) / D**0.5, "v": 0.3 * torch.randn(num_experts, DC, D, generator=g),
         "loss_weights": torch.randn(rows, D, generator=g),
@@ -54,13 +55,13 @@ def experts_fn(tokens: torch.Tensor, counts: list[int], cond: torch.Tensor, w: t
 
 def forward_backward(data: dict, rows: slice, experts: slice, dispatcher) -> dict:
     x = data["x"][rows].clone().requires_grad_()
-    c = data["c"][rows].clone().requires_grad_()
+    c = data["c"][rows.start // TPS:rows.stop // TPS].clone().requires_grad_()
     router = data["router"].clone().requires_grad_()
     w, v = data["w"][experts].clone().requires_grad_(), data["v"][experts].clone().requires_grad_()
     gates = torch.softmax(x @ router, dim=-1)
-    plan = RoutingPlan.from_mask(data["mask"][rows], gates)
-    routed = dispatcher.dispatch(plan, x, c)
-    out = dispatcher.combine(experts_fn(routed.tokens, routed.counts, routed.extras[0], w, v), routed)
+    plan = RoutingPlan(data["mask"][rows], gates, TPS)
+    routed = dispatcher.dispatch(plan, x, (c,))
+    out = dispatcher.combine(experts_fn(routed.tokens, routed.sizes.host_counts(), routed.sample_inputs[0], w, v), routed)
     (out * data["loss_weights"][rows]).sum().backward()
     return {"out": out.detach(), "x": x.grad, "c": c.grad, "router": router.grad, "w": w.grad, "v": v.grad}
 
@@ -83,9 +84,10 @@ def _dispatch_on_rank(world: int, ep_size: int) -> list[tuple[dict, dict]]:
     return results
 
 
-def remote_pairs(mask: torch.Tensor, rank: int, ep_size: int) -> int:
-    """Lower bound in rows: chosen (token, remote expert-rank) pairs of `rank`'s tokens."""
-    own = mask[rank * T:(rank + 1) * T].view(T, ep_size, EXPERTS_PER_RANK).any(-1)
+def remote_pairs(mask: torch.Tensor, rank: int, ep_size: int, per: int = 1) -> int:
+    """Lower bound in rows: chosen (token, remote expert-rank) pairs of `rank`'s tokens; with per=TPS,
+    (sample, remote expert-rank) pairs."""
+    own = mask[rank * T:(rank + 1) * T].view(T // per, per, ep_size, EXPERTS_PER_RANK).any(-1).any(1)
     own[:, rank % ep_size] = False
     return int(own.sum())
 
@@ -101,8 +103,10 @@ def test_dispatch_combine_equal_local_dispatcher(pools, world, ep_size):
             for pos, rank in enumerate(group):
                 got = results[rank][i][0]
                 mine = slice(pos * T, (pos + 1) * T)
-                for key in ("out", "x", "c"):
+                for key in ("out", "x"):
                     torch.testing.assert_close(got[key], ref[key][mine], msg=f"{kind}: {key} on rank {rank}")
+                mine_samples = slice(pos * T // TPS, (pos + 1) * T // TPS)
+                torch.testing.assert_close(got["c"], ref["c"][mine_samples], msg=f"{kind}: c on rank {rank}")
                 experts = slice(pos * EXPERTS_PER_RANK, (pos + 1) * EXPERTS_PER_RANK)
                 for key in ("w", "v"):  # expert gradients gather every rank's loss on the owner
                     torch.testing.assert_close(got[key], ref[key][experts], msg=f"{kind}: {key} on rank {rank}")
@@ -110,6 +114,7 @@ def test_dispatch_combine_equal_local_dispatcher(pools, world, ep_size):
             bound = sum(remote_pairs(data["mask"], rank, ep_size) for rank in group)
             sent = [results[rank][i][1] for rank in group]
             assert sum(s.get("alltoall_bytes", 0.0) for s in sent) == 4 * bound * D * 4, f"{kind}: hidden bytes"
-            assert sum(s.get("alltoall_extra_bytes", 0.0) for s in sent) == 2 * bound * DC * 4, f"{kind}: extra bytes"
+            sample_bound = sum(remote_pairs(data["mask"], rank, ep_size, TPS) for rank in group)
+            assert sum(s.get("alltoall_extra_bytes", 0.0) for s in sent) == 2 * sample_bound * DC * 4, f"{kind}: extra bytes"
             router_grad = sum(results[rank][i][0]["router"] for rank in group)
             torch.testing.assert_close(router_grad, ref["router"], msg=f"{kind}: router gradient")

@@ -61,7 +61,10 @@ def _select_on_rank(ep_size: int, cases: list[tuple]) -> list[tuple[torch.Tensor
         scores = make_scores(kind, world * tokens, seed=k)[rank * tokens:(rank + 1) * tokens]
         pool = build_pool(scope, groups, selection)
         mask = pool.topk_mask(scores, k, N_PER_SAMPLE)
-        kth = pool.kth_largest(scores, k, N_PER_SAMPLE) if kind != "neg_inf" else torch.zeros(E)
+        # the k-th largest of a second set of values rides along the same selection
+        chosen = pool.select(scores, k, N_PER_SAMPLE, kth_of=scores) if kind != "neg_inf" else None
+        assert chosen is None or torch.equal(chosen.mask, mask)
+        kth = chosen.kth if chosen is not None else torch.zeros(E)
         counter = getattr(pool, "counter", None)
         out.append((mask, kth, counter.drain() if counter else {}))
     return out
@@ -78,7 +81,7 @@ def reference(scope: str, kind: str, k: int, tokens: int, world: int, ep_size: i
         mask = LocalPool(local_scope).topk_mask(rows, k, N_PER_SAMPLE)
         pos = ranks.index(rank)
         masks.append(mask[pos * tokens:(pos + 1) * tokens])
-        kths.append(LocalPool(local_scope).kth_largest(rows, k, N_PER_SAMPLE).double())
+        kths.append(LocalPool(local_scope).select(rows, k, N_PER_SAMPLE, kth_of=rows).kth.double())
     return torch.cat(masks), torch.stack(kths).mean(0).to(scores.dtype)
 
 
@@ -112,24 +115,24 @@ def test_local_scopes_average_thresholds_over_ranks(pools):
         assert torch.equal(torch.cat([results[r][i][0] for r in range(2)]), want_mask)
         scores = make_scores(kind, 2 * tokens, seed=k)
         n = N_PER_SAMPLE if scope == "sample" else tokens
-        want_kth = LocalPool("sample").kth_largest(scores, k, n)  # mean over all pools of the job
+        want_kth = LocalPool("sample").select(scores, k, n, kth_of=scores).kth  # mean over all pools of the job
         for r in range(2):
             torch.testing.assert_close(results[r][i][1], want_kth)
 
 
 def test_radix_metadata_does_not_grow_with_tokens(pools):
-    """Radix selection metadata stays under a bound independent of T (16 or 1024 tokens per rank);
-    the score all-gather grows with T."""
-    from parallel.token_pool import BINS, MAX_ROUNDS
+    """Radix selection metadata is the same at 16 and 1024 tokens per rank (a fixed schedule of
+    fixed-size histograms); the score all-gather grows with T."""
+    from parallel.token_pool import BINS, ROUNDS
 
     cases = [("ep_group", sel, "random", 7, tokens) for sel in ("radix", "gather") for tokens in (16, 1024)]
     results = pools(2).run(_select_on_rank, 2, cases)
     radix_small, radix_big, gather_small, gather_big = (results[0][i][2] for i in range(4))
-    # topk_mask + kth_largest, each: bracket (2E int64), up to MAX_ROUNDS histograms (E (BINS + 1) + 1
-    # int32), tie counts or the kth minimum (E x 8 bytes); a ring all-reduce on 2 ranks sends the tensor once.
-    bound = 2 * (2 * E * 8 + MAX_ROUNDS * (E * (BINS + 1) + 1) * 4 + E * 8)
+    # topk_mask, then select with kth_of (2E columns): ROUNDS - 1 all-reduces of C x BINS int32 (+ the
+    # token count in round 1), one all-gather of C x BINS int16; on 2 ranks each sends its tensor once.
+    per_select = [(ROUNDS - 1) * c * BINS * 4 + 4 + c * BINS * 2 for c in (E, 2 * E)]
     for sent in (radix_small, radix_big):
-        assert 0 < sent["metadata_bytes"] <= bound and "score_gather_bytes" not in sent
+        assert sent["metadata_bytes"] == sum(per_select) and "score_gather_bytes" not in sent
     assert gather_big["score_gather_bytes"] == 64 * gather_small["score_gather_bytes"]
 
 

@@ -1,21 +1,29 @@
 """Grouped linear of the experts: rows grouped by expert times that expert's weight, plus its bias.
 
-    grouped_linear(x [R, i], w [E, i, o], bias [E, o] | None, counts) -> [R, o]
-    rows counts[0] of expert 0, then expert 1, ...
+    grouped_linear(x [R, i], w [E, i, o], bias [E, o] | None, sizes) -> [R, o]
+    rows sizes[0] of expert 0, then expert 1, ...
+
+`sizes` is a `GroupSizes`: the row total (always known on the host: it is a shape) and the
+per-expert counts on the host, on the device, or both. No kernel reads device counts back: the
+GPU queue never waits on the host here (expert choice knows its counts on the host; token choice
+and the receiving side of the all-to-all have them on the device).
 
 `w` may be a transposed view of an [E, o, i] parameter: the weight gradient is produced directly in
 the parameter's own memory layout, so autograd never copies an expert-bank-sized gradient to
 match it (36 MiB per weight at DiffMoE-S-E16). Each product runs on one of three loop-free
 kernels, picked per call:
-- equal counts (expert choice, DiffMoE training: every expert takes exactly k tokens): one
+- equal host counts (expert choice, DiffMoE training: every expert takes exactly k tokens): one
   `bmm` / `baddbmm` on views, no copies;
-- unequal counts: `torch._grouped_mm` (CPU fp32/bf16, CUDA bf16 on recent GPUs; widths whose rows
-  are multiples of 16 bytes);
+- otherwise `torch._grouped_mm` with device offsets (CPU fp32/bf16, CUDA bf16 on recent GPUs;
+  widths whose rows are multiples of 16 bytes);
 - otherwise (float64, GPUs without grouped GEMM): rows scattered into a zero-padded
   [E, max_count, i] buffer and one `bmm`. The padding is bounded by the largest group, which the
-  capacity limit bounds for token choice with drop.
+  capacity limit bounds for token choice with drop; this fallback reads device counts back (one
+  host sync) when they are not known on the host.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -39,26 +47,54 @@ def _grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     return _GROUPED_MM_OK[key]
 
 
+@dataclass(frozen=True)
+class GroupSizes:
+    """How many rows each expert has: `rows` in all, per expert on the host (`host`) and/or on the
+    device (`device`, int64 [E])."""
+
+    rows: int
+    num: int
+    host: tuple[int, ...] | None = None
+    device: torch.Tensor | None = None
+
+    @staticmethod
+    def of(counts: "list[int] | GroupSizes") -> "GroupSizes":
+        if isinstance(counts, GroupSizes):
+            return counts
+        return GroupSizes(sum(counts), len(counts), host=tuple(counts))
+
+    @staticmethod
+    def equal(num: int, per_expert: int) -> "GroupSizes":
+        return GroupSizes(num * per_expert, num, host=(per_expert,) * num)
+
+    def host_counts(self) -> tuple[int, ...]:
+        """Per-expert counts on the host (a device->host sync when only the device has them)."""
+        return self.host if self.host is not None else tuple(self.device.tolist())
+
+    def device_counts(self, device: torch.device) -> torch.Tensor:
+        return self.device if self.device is not None else torch.tensor(self.host, device=device)
+
+
 class _Groups:
     """How R rows split over E experts, and the products of a grouped linear on the best kernel."""
 
-    def __init__(self, counts: list[int], x: torch.Tensor, w: torch.Tensor):
-        self.num, self.rows = len(counts), sum(counts)
+    def __init__(self, sizes: GroupSizes, x: torch.Tensor, w: torch.Tensor):
+        self.num, self.rows = sizes.num, sizes.rows
         device = x.device
-        if min(counts) == max(counts):
-            self.kind, self.per_expert_rows = "equal", counts[0]
+        if sizes.host is not None and min(sizes.host, default=0) == max(sizes.host, default=0):
+            self.kind, self.per_expert_rows = "equal", sizes.host[0] if sizes.host else 0
             return
-        self.counts_t = torch.tensor(counts, device=device)
-        self.expert_of_row = torch.repeat_interleave(torch.arange(self.num, device=device), self.counts_t,
+        counts = sizes.device_counts(device)
+        self.expert_of_row = torch.repeat_interleave(torch.arange(self.num, device=device), counts,
                                                      output_size=self.rows)
         aligned = all(n * x.element_size() % 16 == 0 for n in w.shape[1:])  # the kernel's stride rule
         if aligned and _grouped_mm_supported(device, x.dtype):
             self.kind = "grouped"
-            self.offs = self.counts_t.cumsum(0).to(torch.int32)
+            self.offs = counts.cumsum(0).to(torch.int32)
         else:
             self.kind = "padded"
-            self.width = max(counts)
-            starts = torch.cumsum(self.counts_t, 0) - self.counts_t
+            self.width = max(sizes.host_counts())
+            starts = torch.cumsum(counts, 0) - counts
             self.slot = (self.expert_of_row * self.width + torch.arange(self.rows, device=device)
                          - starts[self.expert_of_row])
 
@@ -122,13 +158,15 @@ class _GroupedLinear(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
-def grouped_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, counts: list[int]) -> torch.Tensor:
+def grouped_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+                   counts: list[int] | GroupSizes) -> torch.Tensor:
     """[R, i] rows grouped by expert (`counts[e]` rows each) times w [E, i, o], plus bias [E, o] -> [R, o]."""
-    if len(counts) != w.shape[0] or sum(counts) != x.shape[0]:
+    sizes = GroupSizes.of(counts)
+    if sizes.num != w.shape[0] or sizes.rows != x.shape[0]:
         raise ValueError(f"grouped_linear: counts {counts} do not split {x.shape[0]} rows over {w.shape[0]} experts")
     if torch.is_autocast_enabled(x.device.type):  # a custom function is not autocast by itself
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w, bias = x.to(dtype), w.to(dtype), None if bias is None else bias.to(dtype)
     if x.dtype != w.dtype:
         raise TypeError(f"grouped_linear: rows are {x.dtype} but the expert weights are {w.dtype}")
-    return _GroupedLinear.apply(x, w, bias, _Groups(counts, x, w))
+    return _GroupedLinear.apply(x, w, bias, _Groups(sizes, x, w))

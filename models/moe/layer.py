@@ -110,7 +110,7 @@ class MoELayer(nn.Module):
 
     def reset_meter(self) -> None:
         """Zero the counters behind `measured_activated_params` (the sampler does it per run)."""
-        self.meter_pairs = 0
+        self.meter_pairs: int | torch.Tensor = 0  # a device tensor once a forward has run
         self.meter_tokens = 0
 
     def _experts_per_token(self) -> float:
@@ -127,53 +127,61 @@ class MoELayer(nn.Module):
 
     def measured_activated_params(self) -> float:
         """Parameters applied per token, averaged over the tokens seen since `reset_meter`."""
-        per_token = self.meter_pairs / self.meter_tokens if self.meter_tokens else self._experts_per_token()
+        per_token = float(self.meter_pairs) / self.meter_tokens if self.meter_tokens else self._experts_per_token()
         return per_token * self.experts.params_per_expert() + self._always_on_params()
 
     # ---------------------------------------------------------------------------------- forward
     def _select(self, flat: torch.Tensor, affinity: torch.Tensor, select_score: torch.Tensor, tokens_per_sample: int,
-                record: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """-> (selected [T, E] bool, combine weights [T, E], weighted aux loss, raw inputs of stats)."""
+                record: bool) -> tuple[RoutingPlan, torch.Tensor, dict[str, torch.Tensor]]:
+        """-> (routing plan, weighted aux loss, raw inputs of stats)."""
         num_tokens = flat.shape[0]
         pool_tokens = self.pool.pool_tokens(num_tokens, tokens_per_sample)
         aux = affinity.new_zeros(())
         stats: dict[str, torch.Tensor] = {}
         if self.routing == "token_choice":
-            chosen = selection.top_k_choice(select_score.detach(), self.top_k)
+            chosen, choices = selection.top_k_choice(select_score.detach(), self.top_k)
             weights = selection.token_choice_weights(affinity, chosen, self.normalize_weights, self.routed_scaling)
             if self.drop_tokens and self.training:
                 cap = selection.token_choice_capacity(pool_tokens, self.num_experts, self.top_k, self.capacity)
                 selected = selection.drop_over_capacity(chosen, affinity.detach(), self.pool, cap, tokens_per_sample)
+                plan = RoutingPlan(selected, weights, tokens_per_sample)
             else:
-                selected = chosen
+                plan = RoutingPlan(chosen, weights, tokens_per_sample, token_experts=choices)
             if self.training and self.aux_loss_weight > 0:
                 counts = self.pool.pool_sum(chosen.sum(0).to(affinity.dtype))
                 aux = aux + self.aux_loss_weight * load_balance_loss(self.router.probabilities(affinity), counts)
             if self.router.kind == "sigmoid_bias" and record:
                 self.router.load.add_(chosen.sum(0).to(self.router.load.dtype))
             stats["chosen"] = chosen
-            return selected, weights, aux, stats
+            return plan, aux, stats
 
         weights = affinity * self.routed_scaling if self.routed_scaling != 1.0 else affinity
         pred = self.predictor(flat) if self.predictor is not None else None
+        prob = None if pred is None else pred.detach().float().sigmoid()
         k = selection.expert_choice_k(pool_tokens, self.num_experts, self.capacity)
         if not self.training and self.inference == "dynamic":
             if pred is None:
                 raise ValueError("dynamic inference needs the capacity predictor (model.moe.predictor=true)")
-            eligible = pred.float().sigmoid() > (self.predictor.threshold + self.threshold_shift)
+            eligible = prob > (self.predictor.threshold + self.threshold_shift)
             group = tokens_per_sample if self.pool.scope == "sample" else num_tokens
-            selected = selection.dynamic_choice(affinity.detach(), eligible, group)
+            plan = RoutingPlan(selection.dynamic_choice(affinity.detach(), eligible, group), weights, tokens_per_sample)
+            kth = None
         else:
-            selected = self.pool.topk_mask(affinity.detach(), k, tokens_per_sample)
+            # The predictor's threshold target (the k-th largest predicted probability of each pool)
+            # rides along the same selection: one set of collectives for both in a cross-rank pool.
+            wants_kth = prob is not None and self.training and record
+            chosen = self.pool.select(affinity.detach(), k, tokens_per_sample, kth_of=prob if wants_kth else None,
+                                      finite=True)
+            plan = RoutingPlan(chosen.mask, weights, tokens_per_sample, expert_tokens=chosen.index, checks=chosen.checks)
+            kth = chosen.kth
         if pred is not None:
-            prob = pred.detach().float().sigmoid()
             if self.training:
-                aux = aux + self.predictor_loss_weight * predictor_loss(pred, selected)
-                if record:
-                    self.predictor.update_threshold(self.pool.kth_largest(prob, k, tokens_per_sample), self.threshold_ema)
+                aux = aux + self.predictor_loss_weight * predictor_loss(pred, plan.mask)
+                if kth is not None:
+                    self.predictor.update_threshold(kth, self.threshold_ema)
             stats["predicted"] = prob
             stats["threshold"] = self.predictor.threshold.clone()
-        return selected, weights, aux, stats
+        return plan, aux, stats
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         b, n, d = x.shape
@@ -183,31 +191,32 @@ class MoELayer(nn.Module):
             x = self.spatial(x)
         flat = x.reshape(b * n, d)
         affinity, select_score = self.router(flat)
-        selected, weights, aux, stats = self._select(flat, affinity, select_score, n, record)
-        plan = RoutingPlan.from_mask(selected, weights)
+        plan, aux, stats = self._select(flat, affinity, select_score, n, record)
 
-        extras = []
-        if self.experts.time_aware or self.shared is not None and self.shared.ffn.time_aware:
-            cond = c.unsqueeze(1).expand(b, n, d).reshape(b * n, d)
-        else:
-            cond = None
+        # Side inputs constant over a sample travel per sample; the dispatcher expands them to rows.
+        sample_inputs = []
         if self.experts.time_aware:
-            extras.append(cond)
+            sample_inputs.append(c)
         if self.recalibration is not None:
-            extras.append(x.mean(1, keepdim=True).expand(b, n, d).reshape(b * n, d))
-        routed = self.dispatcher.dispatch(plan, flat, *extras)
-        routed_cond = routed.extras[0] if self.experts.time_aware else None
-        channel_weights = self.recalibration(routed.extras[-1]) if self.recalibration is not None else None
-        expert_out = self.experts(routed.tokens, routed.counts, routed_cond, channel_weights)
-        out = self.dispatcher.combine(expert_out, routed)
+            sample_inputs.append(x.mean(1))
+        routed = self.dispatcher.dispatch(plan, flat, tuple(sample_inputs))
+        # Work that does not wait for routed tokens runs while an all-to-all dispatch is in flight.
+        shared_out = None
         if self.shared is not None:
-            out = out + self.shared(flat, cond)
+            cond = c.unsqueeze(1).expand(b, n, d).reshape(b * n, d) if self.shared.ffn.time_aware else None
+            shared_out = self.shared(flat, cond)
+        routed_cond = routed.sample_inputs[0] if self.experts.time_aware else None
+        channel_weights = self.recalibration(routed.sample_inputs[-1]) if self.recalibration is not None else None
+        expert_out = self.experts(routed.tokens, routed.sizes, routed_cond, channel_weights)
+        out = self.dispatcher.combine(expert_out, routed)
+        if shared_out is not None:
+            out = out + shared_out
 
         self.aux_loss = aux
         if not _recomputing():
-            self.meter_pairs += plan.token_index.numel()
+            self.meter_pairs = self.meter_pairs + plan.mask.sum()  # stays on the device until read
             self.meter_tokens += b * n
-            self._stats_inputs = (affinity.detach(), selected, None if t is None else t.detach(), n, self.capacity, stats)
+            self._stats_inputs = (affinity.detach(), plan.mask, None if t is None else t.detach(), n, self.capacity, stats)
             self._stats_cache = None
         return out.reshape(b, n, d).to(dtype)
 
@@ -244,7 +253,7 @@ class MoELayer(nn.Module):
         if t is not None:
             bucket = (t.float() * TIME_BUCKETS).long().clamp_(0, TIME_BUCKETS - 1)
             bucket = bucket.repeat_interleave(tokens_per_sample)
-            per_bucket = torch.bincount(bucket, minlength=TIME_BUCKETS).clamp_min(1).to(sel.dtype)
+            per_bucket = sel.new_zeros(TIME_BUCKETS).index_add_(0, bucket, sel.new_ones(bucket.shape)).clamp_min(1)
             load = sel.new_zeros(self.num_experts, TIME_BUCKETS).index_add_(1, bucket, sel.t())
             stats["load_by_t"] = load / per_bucket  # [E, buckets]: share of a bucket's tokens each expert took
             stats["compute_by_t"] = load.sum(0) / per_bucket  # experts applied per token, by bucket

@@ -23,10 +23,11 @@ def token_choice_capacity(pool_tokens: int, num_experts: int, top_k: int, capaci
     return max(1, int(capacity * pool_tokens * top_k / num_experts))
 
 
-def top_k_choice(select_score: torch.Tensor, top_k: int) -> torch.Tensor:
-    """[T, E] -> [T, E] bool: each token's top_k experts by `select_score` (ties to the lower id)."""
+def top_k_choice(select_score: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, E] -> ([T, E] bool, [T, top_k] expert ids): each token's top_k experts by `select_score`
+    (ties to the lower id)."""
     order = torch.sort(select_score, dim=1, descending=True, stable=True).indices[:, :top_k]
-    return torch.zeros_like(select_score, dtype=torch.bool).scatter_(1, order, True)
+    return torch.zeros_like(select_score, dtype=torch.bool).scatter_(1, order, True), order
 
 
 def token_choice_weights(affinity: torch.Tensor, chosen: torch.Tensor, normalize: bool, scaling: float) -> torch.Tensor:
