@@ -4,7 +4,8 @@
     torchrun --nproc_per_node N engine/train.py --config CONFIG [...]
     python engine/train.py --config CONFIG [...]                 # one process, still a DeepSpeed engine
 
-The run directory (`train.output_dir`) gets tb/, metrics.jsonl, checkpoints/, samples/, config.yaml.
+The run directory (`train.output_dir`) gets tb/, metrics.jsonl, checkpoints/, samples/, config.yaml,
+and run.lock while the job runs (one job per run directory: engine/run_dir.py).
 """
 from __future__ import annotations
 
@@ -91,13 +92,13 @@ def train_locked(cfg: Config, dist: DistContext, preemption: PreemptionHandler) 
     model, ema, objective = engine.module, EMA(engine.module), build_diffusion(cfg)
     state = load_checkpoint(resume_from, engine, ema, cfg) if resume_from else {"step": 0}
     start = state["step"]
+    stop_if_preempted(preemption, dist, resume_from)
     loader = build_train_loader(cfg, dist.rank, dist.world_size, mb, accum, start)
     if "data" in state:
         loader.load_state_dict(state["data"])
     events = TrainEvents(cfg, run, dist, engine, ema, objective, loader, start, last_checkpoint=resume_from, text=text)
     meter = IntervalMeter(dist.device, cfg.train.global_batch_size, model.num_tokens, model.flops_per_sample(),
                           dist.world_size)
-    stop_if_preempted(preemption, dist, resume_from)
     moe.set_step(model, start)
     if start >= cfg.train.max_steps:
         events.report_finished(start)
