@@ -40,7 +40,11 @@ class MoEConfig:
     activation: Literal["gelu_tanh", "swiglu"] = "gelu_tanh"
     # Router
     router: Literal["softmax", "sigmoid_bias"] = "softmax"  # sigmoid_bias: DeepSeek-V3 aux-free
-    router_init_std: float = 0.006
+    # auto: each reference's rule: N(0, router_init_std) for expert_choice / diffmoe (DiffMoE, EC-DiT),
+    # kaiming_uniform (U(+-1/sqrt(d))) for softmax token choice (TC-DiT, Diff-MoE), kaiming_normal
+    # (N(0, 2/d)) for the sigmoid_bias router (the recipe)
+    router_init: Literal["auto", "normal", "kaiming_uniform", "kaiming_normal"] = "auto"
+    router_init_std: float = 0.006  # router_init=normal (auto for expert choice)
     top_k: int = 2  # token choice: experts per token
     normalize_weights: bool = False  # token choice: renormalise the top-k weights to sum to 1 (sigmoid_bias: always)
     routed_scaling: float = 1.0  # multiplies routed weights (recipe: 2.0 for E16, 2.5 for E48)
@@ -56,6 +60,9 @@ class MoEConfig:
     # Diff-MoE: time-aware experts, global channel recalibration, depthwise-conv spatial path
     time_aware: bool = False
     time_rank: int = 64  # rank of the per-expert adaLN and of the recalibration bottleneck
+    # per-expert adaLN init: xavier (the Diff-MoE reference, where DiT's xavier init reaches it) or zero
+    # (up-projection zero: every time-aware expert starts as the identity)
+    expert_adaln_init: Literal["xavier", "zero"] = "xavier"
     recalibration: bool = False
     spatial_conv_kernel: int = 0  # 0 off, else kernel size of the depthwise conv (5 in Diff-MoE)
     # DiffMoE capacity predictor and schedule
@@ -67,6 +74,10 @@ class MoEConfig:
     # Inference of DiffMoE
     inference: Literal["static", "dynamic"] = "static"  # static: training top-k over the sampling batch; dynamic: predictor
     threshold_shift: float = 0.0  # added to dynamic thresholds: > 0 less compute, < 0 more
+    # classifier-free guidance: route the conditional and unconditional halves in separate pools
+    # (two forwards, as the DiffMoE flow sampler) or in one joint pool (one batched forward, as DiT's
+    # forward_with_cfg that the DiffMoE DDPM sampler uses); token-local routings give the same either way
+    cfg_pool: Literal["separate", "joint"] = "separate"
 
 
 @dataclass
@@ -99,6 +110,9 @@ class ModelConfig:
     num_classes: int = 1000
     mlp_ratio: float = 4.0
     class_dropout_prob: float = 0.1
+    # the timestep embedder's sinusoids see time_scale * t (t in [0, 1]): 1000 as DiT's step index,
+    # 1 as the DiffMoE flow reference (raw t)
+    time_scale: float = 1000.0
     learn_sigma: bool = False  # DDPM learned-range sigma doubles the output channels
     position: Literal["sincos", "rope"] = "sincos"  # rope: 2D RoPE, absolute embedding dropped
     attention: Literal["sdpa", "math"] = "sdpa"
@@ -116,6 +130,8 @@ class DiffusionConfig:
     sampler: Literal["euler", "heun", "ddpm", "ddim"] = "euler"
     sample_steps: int = 250
     cfg_scale: float = 1.0
+    # channels guidance applies to: auto = DiT's first 3 for DDPM (the rest conditional), all for flow
+    cfg_channels: Literal["auto", "first3", "all"] = "auto"
 
 
 @dataclass
@@ -376,6 +392,7 @@ def validate(cfg: Config) -> None:
     need(moe.num_experts % cfg.parallel.ep_size == 0, "parallel.ep_size",
          f"{cfg.parallel.ep_size} does not divide model.moe.num_experts={moe.num_experts}")
     need(0 <= m.class_dropout_prob < 1, "model.class_dropout_prob", "must be in [0, 1)")
+    need(m.time_scale > 0, "model.time_scale", f"must be positive, got {m.time_scale}")
     if m.text.encoder != "none":
         text, tiny = m.text, m.text.encoder.startswith("tiny_")
         need(0 <= text.caption_dropout < 1, "model.text.caption_dropout", "must be in [0, 1)")

@@ -1,11 +1,15 @@
-"""Exponential moving average of the model's parameters, kept in fp32.
+"""Exponential moving average of the model's parameters and floating-point state buffers, kept in fp32.
 
     ema = EMA(engine.module)
     ...after each optimizer step:  ema.update(engine.module, decay)   # shadow <- decay shadow + (1 - decay) p
 
 Under ZeRO stage 1/2 every rank holds the full module parameters after `engine.step()` (the
 updated partitions are all-gathered), so each rank's shadow tracks the whole dense model. Expert
-tensors are this rank's expert-parallel shard; names are the module's own parameter names.
+tensors are this rank's expert-parallel shard; names are the module's own state-dict names.
+
+Persistent floating-point buffers (the capacity predictor's thresholds, the sigmoid_bias router's
+balancing bias) are averaged with the same decay, as the DiffMoE reference's EMA model does: sampling
+with the EMA weights then uses EMA'd thresholds. Non-persistent buffers (load counts) are not tracked.
 """
 from __future__ import annotations
 
@@ -16,23 +20,28 @@ import torch
 from torch import nn
 
 
+def _tracked(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent floating-point buffers, by state-dict name (the objects themselves)."""
+    return {name: t for name, t in model.state_dict(keep_vars=True).items() if t.is_floating_point()}
+
+
 class EMA:
     def __init__(self, model: nn.Module):
         self.shadow: dict[str, torch.Tensor] = {
-            name: p.detach().to(torch.float32, copy=True) for name, p in model.named_parameters()}
+            name: t.detach().to(torch.float32, copy=True) for name, t in _tracked(model).items()}
 
     def _pairs(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        params = dict(model.named_parameters())
+        params = _tracked(model)
         if params.keys() != self.shadow.keys():
             missing, extra = self.shadow.keys() - params.keys(), params.keys() - self.shadow.keys()
-            raise KeyError(f"EMA and model parameters differ: missing in model {sorted(missing)[:5]}, "
+            raise KeyError(f"EMA and model tensors differ: missing in model {sorted(missing)[:5]}, "
                            f"not in EMA {sorted(extra)[:5]}")
         names = list(self.shadow)
         return [self.shadow[n] for n in names], [params[n] for n in names]
 
     @torch.no_grad()
     def update(self, model: nn.Module, decay: float) -> None:
-        """shadow <- decay * shadow + (1 - decay) * param, for every parameter (one fused op)."""
+        """shadow <- decay * shadow + (1 - decay) * value, for every tracked tensor (one fused op)."""
         shadow, params = self._pairs(model)
         torch._foreach_lerp_(shadow, [p.detach().float() for p in params], 1.0 - decay)
 

@@ -49,9 +49,10 @@ def generate(model: nn.Module, objective: Objective, y: torch.Tensor | None, see
     z = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(param.device)
     if text is not None:
         guided = guided_model_fn(model, None, cfg_scale, text.to(param.device),
-                                 null_text.to(param.device) if null_text is not None else None)
+                                 null_text.to(param.device) if null_text is not None else None,
+                                 guided_channels=objective.guided_channels)
     else:
-        guided = guided_model_fn(model, y.to(param.device), cfg_scale)
+        guided = guided_model_fn(model, y.to(param.device), cfg_scale, guided_channels=objective.guided_channels)
 
     def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return guided(x.to(param.dtype), t).float()

@@ -97,7 +97,9 @@ class DiT(nn.Module):
         d = cfg.hidden_size
 
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
-        self.t_embedder = TimestepEmbedder(d)
+        self.t_embedder = TimestepEmbedder(d, time_scale=cfg.time_scale)
+        # expert choice and DiffMoE choose tokens from a pool, so what shares a forward changes routing
+        self.pools_tokens = cfg.moe.routing in ("expert_choice", "diffmoe")
         if self.text_conditioned:
             self.text_embedder = TextProjection(text_width(cfg.text), d)
         else:
@@ -197,23 +199,30 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(h, c))
 
     def forward_with_cfg(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None, cfg_scale: float,
-                         text: TextEmbeddings | None = None, null_text: TextEmbeddings | None = None) -> torch.Tensor:
-        """Classifier-free guidance in one batched call over [conditional; unconditional] halves.
+                         text: TextEmbeddings | None = None, null_text: TextEmbeddings | None = None,
+                         guided_channels: int | None = None) -> torch.Tensor:
+        """Classifier-free guidance: the first `guided_channels` channels (None: all C input channels;
+        DiT's DDPM convention guides 3) become v_u + s (v_c - v_u); the other channels, learned sigma
+        included, come from the conditional output.
 
         Unconditional is the null class, or for text-conditioned models `null_text`, the empty
-        prompt's embedding (batch 1 or B). The first C channels become v_u + s (v_c - v_u);
-        learned-sigma channels come from the conditional half.
+        prompt's embedding (batch 1 or B). With `model.moe.cfg_pool=separate` and a routing that
+        pools tokens, the two halves run as two forwards, each its own token pool (the DiffMoE flow
+        sampler); otherwise one batched forward over [conditional; unconditional] (a joint pool).
         """
         if self.text_conditioned:
             if text is None or null_text is None:
                 raise ValueError("guidance of a text-conditioned DiT needs text= and null_text= (the empty prompt)")
-            both = TextEmbeddings.cat([text, null_text.expand_to(len(text))])
-            out = self(torch.cat([x, x]), torch.cat([t, t]), None, text=both)
+            halves = [dict(y=None, text=text), dict(y=None, text=null_text.expand_to(len(text)))]
         else:
-            null = torch.full_like(y, self.null_class)
-            out = self(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
-        cond, uncond = out.chunk(2, dim=0)
-        c = self.in_channels
+            halves = [dict(y=y), dict(y=torch.full_like(y, self.null_class))]
+        if self.pools_tokens and self.cfg.moe.cfg_pool == "separate":
+            cond, uncond = (self(x, t, **half) for half in halves)
+        else:
+            joint_text = TextEmbeddings.cat([h["text"] for h in halves]) if self.text_conditioned else None
+            joint_y = None if self.text_conditioned else torch.cat([h["y"] for h in halves])
+            cond, uncond = self(torch.cat([x, x]), torch.cat([t, t]), joint_y, text=joint_text).chunk(2, dim=0)
+        c = self.in_channels if guided_channels is None else min(guided_channels, self.in_channels)
         guided = uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c])
         return torch.cat([guided, cond[:, c:]], dim=1)
 

@@ -42,19 +42,26 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """t in [0, 1] (0 noise, 1 data) -> [B, d]: sinusoidal features of 1000 * t, then an MLP."""
+    """t in [0, 1] (0 noise, 1 data) -> [B, d]: sinusoidal features of time_scale * t, then an MLP.
 
-    def __init__(self, dim: int, frequency_dim: int = 256, max_period: float = 10000.0):
+    `time_scale` (model.time_scale) is 1000 for DiT's step-index convention and 1 for the DiffMoE
+    flow reference, which feeds raw t. References whose t runs the other way (1 = noise) or count
+    steps from the clean end embed 1 - t or T - 1 - n instead: per frequency a fixed rotation of
+    these features, which the first linear layer absorbs (the same function class).
+    """
+
+    def __init__(self, dim: int, frequency_dim: int = 256, max_period: float = 10000.0, time_scale: float = 1000.0):
         super().__init__()
         self.frequency_dim = frequency_dim
         self.max_period = max_period
+        self.time_scale = time_scale
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def frequency_features(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, frequency_dim] = [cos(1000 t f_i), sin(1000 t f_i)], f_i = max_period^(-i/half)."""
+        """[B, frequency_dim] = [cos(s t f_i), sin(s t f_i)], s = time_scale, f_i = max_period^(-i/half)."""
         half = self.frequency_dim // 2
         freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = (1000.0 * t.float())[:, None] * freqs[None]
+        args = (self.time_scale * t.float())[:, None] * freqs[None]
         return torch.cat([args.cos(), args.sin()], dim=-1)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:

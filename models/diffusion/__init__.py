@@ -1,6 +1,7 @@
 """Diffusion objectives behind one interface (see docs/models.md):
 
     objective.learn_sigma                                   # the model outputs 2C channels when True
+    objective.guided_channels                               # channels CFG guides (None: all)
     objective.timesteps_from_uniform(u [B]) -> t [B]        # t in [0, 1]: 0 noise, 1 data
     objective.training_losses(model_fn, x0, t, noise) -> [B]
     objective.sample(model_fn, z, steps, sampler, progress=False, generators=None) -> x0
@@ -26,6 +27,7 @@ __all__ = ["DDPM", "ModelFn", "Objective", "RectifiedFlow", "build_diffusion", "
 
 class Objective(Protocol):
     learn_sigma: bool
+    guided_channels: int | None
 
     def timesteps_from_uniform(self, u: torch.Tensor) -> torch.Tensor: ...
 
@@ -38,27 +40,26 @@ class Objective(Protocol):
 def build_diffusion(cfg: Config) -> Objective:
     """The objective of `cfg.diffusion`, matching the model's `cfg.model.learn_sigma`."""
     d = cfg.diffusion
+    # auto keeps each objective's own default (DDPM: DiT's first 3 channels; flow: all)
+    guidance = {} if d.cfg_channels == "auto" else {"guided_channels": 3 if d.cfg_channels == "first3" else None}
     if d.objective == "flow":
         if cfg.model.learn_sigma:
             raise ValueError("model.learn_sigma: rectified flow predicts a velocity only; set it to false")
-        return RectifiedFlow(d.timestep_sampling)
+        return RectifiedFlow(d.timestep_sampling, **guidance)
     if d.objective == "ddpm":
         if d.timestep_sampling != "uniform":
             raise ValueError("diffusion.timestep_sampling: DDPM trains on uniformly drawn steps; use 'uniform'")
-        return DDPM(d.num_timesteps, learn_sigma=cfg.model.learn_sigma)
+        return DDPM(d.num_timesteps, learn_sigma=cfg.model.learn_sigma, **guidance)
     raise ValueError(f"diffusion.objective: unknown {d.objective!r} (known: 'flow', 'ddpm')")
 
 
 def guided_model_fn(model: DiT, y: torch.Tensor | None, cfg_scale: float, text: TextEmbeddings | None = None,
-                    null_text: TextEmbeddings | None = None) -> ModelFn:
+                    null_text: TextEmbeddings | None = None, guided_channels: int | None = None) -> ModelFn:
     """model_fn(x, t) for sampling class `y`: plain conditional output at cfg_scale 1, otherwise
-    classifier-free guidance v_u + s (v_c - v_u) (one batched call over both halves).
-    Text-conditioned models take the prompts' `text` instead, and `null_text` (the empty prompt) as
-    the unconditional half."""
-    if text is not None:
-        if cfg_scale == 1.0:
-            return lambda x, t: model(x, t, y, text=text)
-        return lambda x, t: model.forward_with_cfg(x, t, y, cfg_scale, text=text, null_text=null_text)
+    classifier-free guidance v_u + s (v_c - v_u) on the first `guided_channels` channels (None: all;
+    see DiT.forward_with_cfg for how the two halves are pooled). Text-conditioned models take the
+    prompts' `text` instead, and `null_text` (the empty prompt) as the unconditional half."""
     if cfg_scale == 1.0:
-        return lambda x, t: model(x, t, y)
-    return lambda x, t: model.forward_with_cfg(x, t, y, cfg_scale)
+        return lambda x, t: model(x, t, y, text=text)
+    return lambda x, t: model.forward_with_cfg(x, t, y, cfg_scale, text=text, null_text=null_text,
+                                               guided_channels=guided_channels)

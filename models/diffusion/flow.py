@@ -21,10 +21,14 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
 class RectifiedFlow:
     learn_sigma = False
 
-    def __init__(self, timestep_sampling: Literal["uniform", "logit_normal"] = "uniform"):
+    def __init__(self, timestep_sampling: Literal["uniform", "logit_normal"] = "uniform",
+                 guided_channels: int | None = None):
+        """`guided_channels`: channels classifier-free guidance applies to (None: all, as the DiffMoE
+        flow sampler)."""
         if timestep_sampling not in ("uniform", "logit_normal"):
             raise ValueError(f"diffusion.timestep_sampling: unknown {timestep_sampling!r}")
         self.timestep_sampling = timestep_sampling
+        self.guided_channels = guided_channels
 
     def timesteps_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
         """Training t [B] from per-sample uniforms u [B] in [0, 1): t = u, or sigmoid(Phi^-1(u))

@@ -6,8 +6,10 @@ Expert body (DiT MLP or SwiGLU):
 Storage: w1 [E, d, up] (in, out), w2 [E, d, hidden] (out, in).
 Optional Diff-MoE parts:
     time-aware: each expert owns a low-rank adaLN, Linear(d, r, no bias) -> ReLU -> Linear(r, 3d)
-                (zero-initialised) of the conditioning c, giving shift, scale, gate; the expert
-                returns x + gate * body(LayerNorm(x) * (1 + scale) + shift);
+                of the conditioning c, giving shift, scale, gate; the expert returns
+                x + gate * body(LayerNorm(x) * (1 + scale) + shift). `adaln_init` xavier: both
+                maps xavier (the Diff-MoE reference: DiT's xavier init overwrites the constructor's
+                zeros), zero: Linear(d, r) torch's default and Linear(r, 3d) zero (identity start);
     channel weights [R, hidden] multiply the hidden activations (global recalibration).
 Rows arrive grouped by expert (`counts`), so there is no loop over tokens nor over experts.
 """
@@ -23,13 +25,16 @@ from models.moe.grouped_mm import grouped_linear
 
 class ExpertBank(nn.Module):
     def __init__(self, num: int, dim: int, hidden: int, activation: str, *, block_index: int, name: str,
-                 first_expert: int = 0, time_aware: bool = False, time_rank: int = 64):
+                 first_expert: int = 0, time_aware: bool = False, time_rank: int = 64, adaln_init: str = "xavier"):
         super().__init__()
         if activation not in ("gelu_tanh", "swiglu"):
             raise ValueError(f"model.moe.activation: unknown activation {activation!r}")
         self.num, self.dim, self.hidden = num, dim, hidden
         self.swiglu = activation == "swiglu"
         self.time_aware = time_aware
+        if adaln_init not in ("xavier", "zero"):
+            raise ValueError(f"model.moe.expert_adaln_init: unknown init {adaln_init!r}")
+        self.adaln_init = adaln_init
         up = 2 * hidden if self.swiglu else hidden  # SwiGLU: gate and up projections fused
         self.w1 = nn.Parameter(torch.empty(num, dim, up))
         # w2 is stored [E, d, hidden] (out, in): with the hidden width contiguous in both weights every
@@ -55,8 +60,13 @@ class ExpertBank(nn.Module):
             init.zeros(self.b2[e])
         init.xavier_uniform(self.w2[e], h, d, gen)
         if self.time_aware:
-            init.linear_default(self.ada_down[e], d, gen)
-            init.zeros(self.ada_up[e])  # every expert starts as identity + 0
+            rank = self.ada_down.shape[-1]
+            if self.adaln_init == "xavier":
+                init.xavier_uniform(self.ada_down[e], d, rank, gen)
+                init.xavier_uniform(self.ada_up[e], rank, 3 * d, gen)
+            else:
+                init.linear_default(self.ada_down[e], d, gen)
+                init.zeros(self.ada_up[e])  # every expert starts as identity + 0
             init.zeros(self.ada_up_bias[e])
 
     def params_per_expert(self) -> int:

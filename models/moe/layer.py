@@ -75,15 +75,16 @@ class MoELayer(nn.Module):
         self.threshold_shift = moe.threshold_shift
 
         self.spatial = DepthwiseTokenConv(d, moe.spatial_conv_kernel, block_index) if moe.spatial_conv_kernel else None
-        self.router = Router(d, moe.num_experts, moe.router, moe.router_init_std, block_index)
+        self.router = Router(d, moe.num_experts, moe.router, block_index, scheme=moe.router_init,
+                             init_std=moe.router_init_std, routing=moe.routing)
         self.experts = ExpertBank(self.num_local_experts, d, self.expert_hidden, moe.activation, block_index=block_index,
                                   name="expert", first_expert=ep_rank * self.num_local_experts,
-                                  time_aware=moe.time_aware, time_rank=moe.time_rank)
+                                  time_aware=moe.time_aware, time_rank=moe.time_rank, adaln_init=moe.expert_adaln_init)
         for p in self.experts.parameters():
             p._is_expert = True
         shared_hidden = moe.num_shared_experts * (moe.shared_expert_hidden or self.expert_hidden)
         self.shared = SharedExperts(d, shared_hidden, moe.activation, block_index=block_index, time_aware=moe.time_aware,
-                                    time_rank=moe.time_rank) if moe.num_shared_experts else None
+                                    time_rank=moe.time_rank, adaln_init=moe.expert_adaln_init) if moe.num_shared_experts else None
         self.recalibration = ChannelRecalibration(d, self.expert_hidden, moe.time_rank, block_index) if moe.recalibration else None
         use_predictor = moe.predictor and moe.routing in ("expert_choice", "diffmoe")
         self.predictor = CapacityPredictor(d, moe.num_experts, block_index) if use_predictor else None

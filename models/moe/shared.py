@@ -14,10 +14,11 @@ from models.moe.experts import ExpertBank
 
 
 class SharedExperts(nn.Module):
-    def __init__(self, dim: int, hidden: int, activation: str, *, block_index: int, time_aware: bool, time_rank: int):
+    def __init__(self, dim: int, hidden: int, activation: str, *, block_index: int, time_aware: bool, time_rank: int,
+                 adaln_init: str = "xavier"):
         super().__init__()
         self.ffn = ExpertBank(1, dim, hidden, activation, block_index=block_index, name="shared",
-                              time_aware=time_aware, time_rank=time_rank)
+                              time_aware=time_aware, time_rank=time_rank, adaln_init=adaln_init)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """x [T, d], cond [T, d] or None -> [T, d]."""

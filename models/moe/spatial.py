@@ -35,15 +35,16 @@ class DepthwiseTokenConv(nn.Module):
 
 class ChannelRecalibration(nn.Module):
     """Global recalibration: mean-pooled sample tokens -> Linear(d, r) -> ReLU -> Linear(r, hidden)
-    -> Sigmoid, channel weights multiplying every routed expert's hidden activations."""
+    -> Sigmoid, channel weights multiplying every routed expert's hidden activations. Both maps
+    xavier, as DiT's init leaves them in the Diff-MoE reference."""
 
     def __init__(self, dim: int, hidden: int, rank: int, block_index: int):
         super().__init__()
         self.down = nn.Linear(dim, rank, bias=False)
         self.up = nn.Linear(rank, hidden, bias=False)
         gen = init.init_generator(block_index, "recalibration")
-        init.linear_default(self.down.weight, dim, gen)
-        init.linear_default(self.up.weight, rank, gen)
+        init.xavier_uniform(self.down.weight, dim, rank, gen)
+        init.xavier_uniform(self.up.weight, rank, hidden, gen)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         """pooled [R, d] (each row: its sample's mean token) -> [R, hidden] in (0, 1)."""
