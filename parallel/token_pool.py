@@ -169,14 +169,14 @@ class CrossRankPool(TokenPool):
         """[*] -> [size, *]. Travels as bytes: NCCL has no int16, and an all-gather only copies."""
         raw = t.contiguous().view(torch.uint8)
         out = raw.new_empty(self.size * raw.numel())  # ranks' chunks stacked along dim 0
-        dist.all_gather_into_tensor(out, raw, group=self.group)
+        _all_gather_single()(out, raw, group=self.group)
         self.counter.add("metadata_bytes", all_gather_bytes(raw, self.size))
         return out.view(self.size, *raw.shape).view(t.dtype)
 
     def _gather(self, scores: torch.Tensor) -> torch.Tensor:
         local = scores.detach().contiguous()
         out = local.new_empty((self.size * local.shape[0], *local.shape[1:]))  # ranks' rows stacked along dim 0
-        dist.all_gather_into_tensor(out, local, group=self.group)
+        _all_gather_single()(out, local, group=self.group)
         self.counter.add("score_gather_bytes", all_gather_bytes(local, self.size))
         return out
 
@@ -200,6 +200,11 @@ class RankAveragedPool(LocalPool):
         if local.kth is not None:
             local.kth = _world_mean(local.kth, self.counter)
         return local
+
+def _all_gather_single():
+    """torch >= 2.10 renamed `all_gather_into_tensor` (kept for the older CUDA builds of clusters)."""
+    return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 
 def _world_mean(t: torch.Tensor, counter: CommCounter) -> torch.Tensor:
     world = dist.get_world_size()
