@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.moe import init
-from models.moe.grouped_mm import grouped_linear
+from models.moe.grouped_mm import GroupSizes, grouped_linear
 
 
 class ExpertBank(nn.Module):
@@ -72,9 +72,9 @@ class ExpertBank(nn.Module):
     def params_per_expert(self) -> int:
         return sum(p[0].numel() for p in self.parameters())
 
-    def forward(self, x: torch.Tensor, counts: list[int], cond: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, counts: list[int] | GroupSizes, cond: torch.Tensor | None = None,
                 channel_weights: torch.Tensor | None = None) -> torch.Tensor:
-        """x [R, d] grouped by expert, counts [E]; cond [R, d] (time-aware); channel_weights [R, hidden]."""
+        """x [R, d] grouped by expert, counts: rows per expert; cond [R, d] (time-aware); channel_weights [R, hidden]."""
         h_in = x
         if self.time_aware:
             if cond is None:
