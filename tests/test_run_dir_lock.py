@@ -110,6 +110,45 @@ def test_lock_of_a_killed_job_is_taken_over(tmp_path):
     assert f"pid {first.pid} is not running on {socket.gethostname()}" in err
 
 
+def test_two_jobs_taking_over_one_stale_lock_at_once_one_wins(tmp_path):
+    """A double submit after a crash: both find the dead job's lock; whatever the interleaving, exactly
+    one job holds the folder and the other refuses naming it."""
+    run = tmp_path / "run"
+    _write_lock(run, job_id="9", host=socket.gethostname(), pid=_dead_pid(), pid_start="1", slurm=False)
+    jobs = [subprocess.Popen([sys.executable, "-c", HOLDER, str(run), "0"], cwd=REPO, env=_env(tmp_path),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)]
+    firsts = [job.stdout.readline() for job in jobs]  # "locked ..." from the winner, "" (exit) from the other
+    results = [_release(job) for job in jobs]
+    winner = [i for i, line in enumerate(firsts) if line.startswith("locked")]
+    assert len(winner) == 1, (firsts, results)
+    loser = 1 - winner[0]
+    assert results[winner[0]][0] == 0 and results[loser][0] == 1
+    assert f"is in use by job {socket.gethostname()}-{jobs[winner[0]].pid} " in results[loser][1]
+
+
+def test_a_lock_replaced_after_we_judged_it_stale_is_put_back(tmp_path):
+    """The interleaving the rename guards against: between our read of a stale lock and our removal,
+    another job took it over; we must put that job's lock back, not delete it."""
+    from engine.run_dir import LockHolder, _read, _remove_if_unchanged
+
+    run = tmp_path / "run"
+    _write_lock(run, job_id="stale-one")
+    judged_stale = _read(run / LOCK_FILE)
+    _write_lock(run, job_id="new-holder")  # the other job's lock, written meanwhile
+    assert not _remove_if_unchanged(run / LOCK_FILE, judged_stale, LockHolder.this_process())
+    assert json.loads((run / LOCK_FILE).read_text())["job_id"] == "new-holder"
+    assert [p.name for p in run.iterdir()] == [LOCK_FILE]  # no leftover aside file
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited and been reaped (were it reused meanwhile, the recorded
+    start time "1" still tells the new process from the holder)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 def test_requeued_job_takes_its_own_lock_back(tmp_path):
     """Slurm keeps the job id across a requeue: the id decides, even while the recorded pid still runs."""
     run = tmp_path / "run"
