@@ -16,7 +16,7 @@ import pytest
 from engine.preemption import REQUEUE_EXIT_CODE
 from engine.run_dir import LOCK_FILE, RunLockError, run_dir_lock
 from tests.dist_utils import DistributedPool
-from tests.train_utils import QUICKSTART, REPO, TINY, TRAIN, child_env
+from tests.train_utils import QUICKSTART, REPO, TINY, TRAIN, child_env, free_port
 
 # A job holding the lock on sys.argv[1] until its stdin closes, then exiting with sys.argv[2].
 HOLDER = """
@@ -254,14 +254,23 @@ def test_ranks_learn_rank_0s_outcome(tmp_path):
 
 
 @pytest.mark.slow
-def test_trainer_refuses_a_run_dir_in_use(tmp_path):
+def test_trainer_ranks_refuse_a_run_dir_in_use_together(tmp_path):
+    """Two ranks of engine/train.py (started like srun starts them) against a live holder: both exit 1,
+    one `error:` line in all, nothing written to the run directory."""
     run = tmp_path / "run"
     holder = _start_holder(run, _env(tmp_path, SLURM_JOB_ID="4711"))
+    port = str(free_port())
     try:
-        result = subprocess.run([sys.executable, TRAIN, "--config", QUICKSTART, *TINY, f"train.output_dir={run}"],
-                                cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+        ranks = [subprocess.Popen([sys.executable, TRAIN, "--config", QUICKSTART, *TINY, f"train.output_dir={run}"],
+                                  cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=_env(tmp_path, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r),
+                                           LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+                 for r in range(2)]
+        outputs = [p.communicate(timeout=600) for p in ranks]
     finally:
         _release(holder)
-    assert result.returncode == 1, result.stderr[-3000:]
-    assert result.stderr.strip().splitlines()[-1].startswith(f"error: train.output_dir: {run} is in use by job 4711")
-    assert not (run / "metrics.jsonl").exists() and not (run / "config.yaml").exists()  # nothing written
+    assert [p.returncode for p in ranks] == [1, 1], outputs
+    errors = [line for _, err in outputs for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: train.output_dir: {run} is in use by job 4711 (host ")
+    assert "Traceback" not in outputs[0][1] + outputs[1][1]
+    assert sorted(p.name for p in run.iterdir()) == []  # holder gone, nothing of the refused job
