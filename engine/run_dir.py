@@ -115,8 +115,10 @@ def run_dir_lock(run: Path, is_main: bool) -> Iterator[str]:
         try:
             run.mkdir(parents=True, exist_ok=True)
             _acquire(path, me)
-        except (RunLockError, OSError) as e:
+        except RunLockError as e:
             outcome["error"] = str(e)
+        except OSError as e:
+            outcome["error"] = f"train.output_dir: cannot lock {path}: {e}"
     outcome = _from_main(outcome)
     if outcome["error"]:
         if is_main:

@@ -274,3 +274,10 @@ def test_trainer_ranks_refuse_a_run_dir_in_use_together(tmp_path):
     assert len(errors) == 1 and errors[0].startswith(f"error: train.output_dir: {run} is in use by job 4711 (host ")
     assert "Traceback" not in outputs[0][1] + outputs[1][1]
     assert sorted(p.name for p in run.iterdir()) == []  # holder gone, nothing of the refused job
+
+
+def test_folder_that_cannot_hold_a_lock_names_the_key(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    result = _try_lock(tmp_path / "a_file" / "run", _env(tmp_path))
+    assert result.returncode == 1
+    assert f"error: train.output_dir: cannot lock {tmp_path / 'a_file' / 'run' / LOCK_FILE}: " in result.stderr
