@@ -188,6 +188,7 @@ class TrainConfig:
     sample_every: int = 0  # steps between EMA sample grids (samples/*.png); 0: only at the end
     save_every: int = 1000  # steps between checkpoints; 0: only at the end
     keep_checkpoints: int = 3
+    async_checkpoint: bool = False  # host copy, then the checkpoint is written in the background while training goes on
     max_nonfinite_steps: int = 5  # this many skipped non-finite steps in a row stop the run
     seed: int = 0  # model init and every per-sample draw (noise, timestep, label dropout)
     resume: str = ""  # "" fresh, "auto" latest in output_dir/checkpoints, or a checkpoint folder

@@ -29,7 +29,7 @@ import yaml
 from engine.config import Config, ConfigError, load_config
 from models import DiT, build_model
 from parallel.checkpoint import CheckpointError, CheckpointReader, checkpoint_dir, verify_checkpoint
-from parallel.checkpoint_io import write_durable
+from parallel.checkpoint.files import write_durable
 
 FORMAT = "diffmoe-ema-weights"
 
@@ -37,12 +37,11 @@ FORMAT = "diffmoe-ema-weights"
 def ema_state_dict(ckpt: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """(manifest, state dict at ep_size 1): EMA of every parameter, buffers as saved, floats in fp32."""
     manifest = verify_checkpoint(ckpt)
-    every_expert = list(range(manifest["num_experts"]))
     state = {}
     with CheckpointReader(ckpt, manifest) as reader:
         for name, rec in manifest["tensors"].items():
             key = f"ema/{name}" if rec["ema"] else f"model/{name}"
-            value = reader.experts(key, every_expert) if rec["expert"] else reader.dense(key)
+            value = reader.tensor(key)
             state[name] = value.float() if value.is_floating_point() else value
     return manifest, state
 

@@ -17,7 +17,7 @@ from engine.run_dir import checkpoint_root, samples_dir
 from engine.sampling import GRID_PER_CLASS, generate, grid_labels_and_seeds, save_grid
 from engine.train_metrics import t_bucket_names
 from models import moe
-from parallel.checkpoint import save_checkpoint
+from parallel.checkpoint import Checkpointer
 from parallel.expert_parallel import all_reduce_sum, comm_stats
 
 if TYPE_CHECKING:
@@ -75,6 +75,7 @@ class TrainEvents:
         self.text = text  # text-conditioned models: grids and evaluation prompt with the digits captions
         self.model = engine.module
         self.last_checkpoint = last_checkpoint
+        self.checkpoints = Checkpointer(checkpoint_root(cfg), cfg)  # train.async_checkpoint: written in the background
         self.monitor = Monitor(run, dist.is_main, cfg.train.max_steps, start_step, cfg.train.global_batch_size,
                                cfg.train.progress)
         self._classifier = None
@@ -89,6 +90,8 @@ class TrainEvents:
         """`update_skipped`: this step's update was not applied (non-finite); no periodic checkpoint
         then, so the checkpoints kept are ones from before the trouble."""
         t = self.cfg.train
+        if self.checkpoints.pending:  # an async save publishes once every rank's file is written
+            self.last_checkpoint = self.checkpoints.poll() or self.last_checkpoint
         self.monitor.step_done(step)
         if due(step, t.log_every) or final:
             self.log(step, meter)
@@ -174,7 +177,7 @@ class TrainEvents:
 
     def save(self, step: int) -> None:
         state = {"step": step, "data": self.loader.state_dict(all_reduce_sum, self.dist.device)}  # collective
-        self.last_checkpoint = save_checkpoint(checkpoint_root(self.cfg), step, self.engine, self.ema, state, self.cfg)
+        self.last_checkpoint = self.checkpoints.save(step, self.engine, self.ema, state) or self.last_checkpoint
 
     def report_finished(self, step: int) -> None:
         """A resumed run with nothing left to do says so (and what its last evaluation gave)."""
@@ -184,6 +187,7 @@ class TrainEvents:
                            f"{self.cfg.train.max_steps}){result}; raise train.max_steps to continue")
 
     def close(self, finished: bool = False) -> None:
+        self.last_checkpoint = self.checkpoints.wait() or self.last_checkpoint  # collective: the last save is published
         if finished:
             self.monitor.print(f"done: {self.cfg.run_dir} (metrics.jsonl, samples/, checkpoints/; "
                                f"tensorboard --logdir {self.cfg.run_dir / 'tb'})")

@@ -101,22 +101,35 @@ def mismatches(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[s
     return [k for k in keys if k not in a or k not in b or a[k].shape != b[k].shape or not torch.equal(a[k], b[k])]
 
 
+@torch.no_grad()
+def gathered(zero, param: torch.Tensor, key: str | None) -> torch.Tensor:
+    """The whole fp32 master weight (`key` None) or moment `key` of `param`, summed from the ranks' ZeRO
+    pieces over its data-parallel group (each element lives in one piece: the sum adds zeros only).
+    Collective over that group. A test reference for engines before their first step, where DeepSpeed's
+    own accessors do not work."""
+    full = torch.zeros(param.numel(), dtype=torch.float32)
+    fragment = zero.fragment(param)
+    if fragment is not None:
+        full.narrow(0, fragment[0], fragment[1]).copy_(zero.view(param, key))
+    dist.all_reduce(full, group=param._dp_group)
+    return full.view(param.shape)
+
+
 def save_then_die(run_dir: str, point: str) -> None:
     """Save step 1, train a step, then die by SIGKILL in the middle of saving step 2:
-    `write` (a torn, half-written dense file), `publish` (all files written, folder not yet renamed) or
+    `write` (a torn, half-written rank file), `publish` (all files written, folder not yet renamed) or
     `pointer` (folder renamed, `latest` not yet updated). Step 1's model state goes to expected_step1.pt."""
     import os
     import signal
     from pathlib import Path
 
-    import safetensors.torch
-
-    import parallel.checkpoint as ckpt
+    import parallel.checkpoint.files as files
+    from parallel.checkpoint import save_checkpoint
 
     root = Path(run_dir) / "checkpoints"
     cfg, engine, ema = build_engine([f"train.output_dir={run_dir}"])
     train_step(engine, ema, 1)
-    ckpt.save_checkpoint(root, 1, engine, ema, {"step": 1}, cfg)
+    save_checkpoint(root, 1, engine, ema, {"step": 1}, cfg)
     step1 = {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
     torch.save(step1, Path(run_dir) / "expected_step1.pt")
     train_step(engine, ema, 2)
@@ -124,18 +137,27 @@ def save_then_die(run_dir: str, point: str) -> None:
     def die(*args, **kwargs) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def torn_write(tensors: dict[str, torch.Tensor], filename: str) -> None:
-        data = safetensors.torch.save(tensors)
-        Path(filename).write_bytes(data[: len(data) // 2])
+    def torn_write(path: Path, tensors: list[tuple[str, torch.Tensor]]) -> None:
+        path.write_bytes(b"\0" * 1000)  # the first bytes of a file that is never finished
         die()
 
     if point == "write":
-        safetensors.torch.save_file = torn_write
+        files.write_safetensors = torn_write
     elif point == "publish":
-        ckpt.publish_dir = die
+        files.publish_dir = die
     elif point == "pointer":
-        ckpt.write_pointer = die
+        files.write_pointer = die
     else:
         raise ValueError(point)
-    ckpt.save_checkpoint(root, 2, engine, ema, {"step": 2}, cfg)
+    save_checkpoint(root, 2, engine, ema, {"step": 2}, cfg)
     raise AssertionError("the save was expected to be killed")
+
+
+def whole_tensors(path) -> dict[str, torch.Tensor]:
+    """Every tensor saved in checkpoint folder `path`, whole: "section/name" -> the global tensor."""
+    from parallel.checkpoint import CheckpointReader, read_manifest
+
+    manifest = read_manifest(path)
+    with CheckpointReader(path, manifest) as reader:
+        keys = sorted({key for rec in manifest["files"].values() for key in rec["pieces"]})
+        return {key: reader.tensor(key).clone() for key in keys}

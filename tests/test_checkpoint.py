@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.checkpoint_utils import build_engine, mismatches, reference_state, state_snapshot, train_step
+from tests.checkpoint_utils import build_engine, gathered, mismatches, reference_state, state_snapshot, train_step
 
 pytestmark = pytest.mark.slow
 
@@ -90,12 +90,12 @@ def _loaded_state(overrides: list[str], path: str) -> dict[str, torch.Tensor]:
     """Whole tensors of an engine restored from `path` (before any step: master and moments read
     from the ZeRO partitions, since DeepSpeed links its own accessors only inside a step)."""
     from parallel.checkpoint import load_checkpoint
-    from parallel.zero_state import ZeroOptimizerState
+    from parallel.checkpoint.zero_state import ZeroOptimizerState
 
     cfg, engine, ema = build_engine(overrides, seed=1)
     load_checkpoint(Path(path), engine, ema, cfg)
     zero = ZeroOptimizerState(engine)
-    return state_snapshot(engine, ema, lambda t, key: zero.gather(t, key) if zero.manages(t) else None)
+    return state_snapshot(engine, ema, lambda t, key: gathered(zero, t, key) if zero.manages(t) else None)
 
 
 def _load_error(overrides: list[str], path: str) -> str:
@@ -127,11 +127,7 @@ def test_round_trip_is_exact(pools, tmp_path, world, ep, zero, precision):
         assert r["losses"][0] == r["losses"][1]
         assert r["train_state"] == {"step": 2, "data": {"epoch": 0, "position": 8}}
     files = sorted(p.name for p in Path(results[0]["path"]).iterdir())
-    expert_files = ["experts_0000-0001.safetensors", "experts_0002-0003.safetensors"] if ep == 2 else \
-        ["experts_0000-0003.safetensors"]
-    assert files == ["dense.safetensors", *expert_files, "manifest.json", "rng"]
-    assert sorted(p.name for p in (Path(results[0]["path"]) / "rng").iterdir()) == \
-        [f"rank_{r:05d}.pt" for r in range(world)]
+    assert files == ["manifest.json", *(f"rank_{r:05d}.safetensors" for r in range(world))]
     assert (tmp_path / "latest").read_text().strip() == "step_0000002"
 
 
@@ -180,14 +176,14 @@ def test_failed_save_raises_on_every_rank_and_keeps_the_previous(pools, tmp_path
     results = pools(2).run(_save_unserializable_state, ["parallel.ep_size=2"], str(tmp_path))
     for message, entries in results:
         assert "train_state must hold JSON values only" in message and "step_0000002" in message, message
-        assert entries == [".tmp-step_0000002", "latest", "step_0000001"]
+        assert entries == ["latest", "step_0000001"]  # the failed save's temporary folder is gone too
     assert (tmp_path / "latest").read_text().strip() == "step_0000001"
 
 
 def test_corrupted_file_is_named_on_every_rank(pools, tmp_path):
-    """A flipped byte in the expert file only rank 1 reads: both ranks fail (no hang) naming that file."""
+    """A flipped byte in the file only rank 1 checks: both ranks fail (no hang) naming that file."""
     pools(2).run(_save_steps, ["parallel.ep_size=2"], str(tmp_path), [1])
-    bad = tmp_path / "step_0000001" / "experts_0002-0003.safetensors"
+    bad = tmp_path / "step_0000001" / "rank_00001.safetensors"
     data = bytearray(bad.read_bytes())
     data[len(data) // 2] ^= 0x01
     bad.write_bytes(bytes(data))

@@ -6,12 +6,12 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from engine.config import load_config, to_dict
 from engine.digits_eval import ReferenceClassifier, as_model_pixels
 from engine.data import load_digits_split
+from tests.checkpoint_utils import whole_tensors
 from tests.train_utils import QUICKSTART, TINY, losses_by_step, read_metrics, run_train
 
 REQUIRED = {"step", "loss", "lr", "grad_norm", "samples_per_sec", "tokens_per_sec", "tflops_per_device",
@@ -101,8 +101,8 @@ def test_two_ranks_give_the_one_rank_loss_curve(tmp_path):
 def assert_ema_tracks_full_weights(run, decay: float) -> None:
     """Under ZeRO each rank updates a partition; the EMA must follow the whole, gathered weights:
     ema(4) = d ema(3) + (1 - d) w(4) for every tensor, w(4) being the saved fp32 weights."""
-    before = load_file(run / "checkpoints" / "step_0000003" / "dense.safetensors")
-    after = load_file(run / "checkpoints" / "step_0000004" / "dense.safetensors")
+    before = whole_tensors(run / "checkpoints" / "step_0000003")
+    after = whole_tensors(run / "checkpoints" / "step_0000004")
     names = [k[len("ema/"):] for k in after if k.startswith("ema/")]
     assert names
     for name in names:

@@ -1,5 +1,5 @@
-"""Whole-tensor view of a DeepSpeed ZeRO-1/2 optimizer: fp32 master weights and Adam moments per
-model parameter, gathered from (and written back to) the ranks' partitions.
+"""Per-parameter view of a DeepSpeed ZeRO-1/2 optimizer: the piece of each model parameter's fp32
+master weight and Adam moments that this rank's partition holds, read and written in place.
 
 ZeRO-1/2 flattens each optimizer param group into one buffer and gives every rank of the group's
 data-parallel group one contiguous partition of it: the fp32 master weights, and the optimizer
@@ -13,16 +13,15 @@ partition holds none of it) and the group it is partitioned over (`param._dp_gro
 through views that DeepSpeed links only inside the first optimizer step, so they cannot restore a
 fresh engine (a resume happens before any step). Reading the partitions through the same offsets
 works at any time and keeps one code path for master weights and moments. Each element lives in
-exactly one partition, so the gathering sum adds zeros only and is exact.
+exactly one partition of its group, so the pieces of all ranks tile every parameter exactly once:
+a checkpoint writes each rank's pieces, never a gathered whole.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-import torch.distributed as dist
-
-from parallel.checkpoint_io import CheckpointError
+from parallel.checkpoint.files import CheckpointError
 
 # How a scalar optimizer state (Adam's `step`) is stored, so a fresh optimizer gets the same type.
 ScalarState = dict[str, tuple[str, float]]  # key -> ("tensor" | "int" | "float", value)
@@ -56,48 +55,29 @@ class ZeroOptimizerState:
             keys = found
         return sorted(keys or ())
 
-    def scalar_state(self) -> ScalarState:
-        """The optimizer's scalar state (`step`): equal on every partition of every rank (checked)."""
+    def local_scalars(self) -> list[ScalarState]:
+        """The scalar state (`step`) of each of this rank's partitions; a save checks that every
+        partition of every rank agrees (they step together)."""
         tensor_keys = set(self.tensor_keys())
-        local: list[ScalarState] = []
-        for part in self._partitions:
-            state = self.base.state.get(part, {})
-            local.append({k: _scalar(v) for k, v in state.items() if k not in tensor_keys})
-        everyone: list[list[ScalarState] | None] = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, local)
-        values = [s for rank_states in everyone for s in rank_states]
-        if any(s != values[0] for s in values):
-            raise CheckpointError(f"optimizer scalar state differs between partitions: {values}")
-        return values[0] if values else {}
+        return [{k: _scalar(v) for k, v in self.base.state.get(part, {}).items() if k not in tensor_keys}
+                for part in self._partitions]
 
-    @torch.no_grad()
-    def gather(self, param: torch.Tensor, key: str | None) -> torch.Tensor:
-        """The whole fp32 master weight (`key` None) or state `key` of `param`, on the CPU.
-
-        Collective over the parameter's data-parallel group: all its ranks call it, in the same order.
-        """
-        source = self._source(param, key)
-        full = torch.zeros(param.numel(), dtype=torch.float32, device=param.device)
-        mapping = param._hp_mapping
-        if mapping is not None:
-            lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
-            full.narrow(0, lp.start, lp.numel).copy_(source.narrow(0, hp.start, hp.numel))
-        if dist.get_world_size(param._dp_group) > 1:
-            dist.all_reduce(full, group=param._dp_group)
-        return full.view(param.shape).cpu()
-
-    @torch.no_grad()
-    def set(self, param: torch.Tensor, key: str | None, value: torch.Tensor) -> None:
-        """Write this rank's piece of the whole tensor `value` into the master weight or state `key`."""
+    def fragment(self, param: torch.Tensor) -> tuple[int, int] | None:
+        """(offset, length) in the flattened `param` of the piece this rank's partition holds; None
+        when it holds none of it."""
         mapping = param._hp_mapping
         if mapping is None:
-            return
-        lp, hp = mapping.lp_fragment_address, mapping.hp_fragment_address
-        target = self._source(param, key)
-        target.narrow(0, hp.start, hp.numel).copy_(value.reshape(-1).narrow(0, lp.start, lp.numel))
+            return None
+        return mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel
+
+    def view(self, param: torch.Tensor, key: str | None) -> torch.Tensor:
+        """This rank's piece of the fp32 master weight (`key` None) or state `key` of `param`: a 1-D
+        view into the partition (written through on load), aligned with `fragment(param)`."""
+        hp = param._hp_mapping.hp_fragment_address
+        return self._source(param, key).narrow(0, hp.start, hp.numel)
 
     def prepare_state(self, tensor_keys: list[str], scalars: ScalarState) -> None:
-        """Give a fresh optimizer (no step taken yet) zero-filled state of the saved kinds, so `set`
+        """Give a fresh optimizer (no step taken yet) zero-filled state of the saved kinds, so `view`
         has somewhere to write; torch's `load_state_dict` places each value as the optimizer expects
         (e.g. `step` on the device for fused AdamW). An optimizer that has state keeps its tensors."""
         if all(self.base.state.get(part) for part in self._partitions):
