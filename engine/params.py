@@ -25,12 +25,13 @@ from models.moe import MoELayer, moe_layers
 
 # (component, predicate on the parameter name inside a block's FFN slot), first match wins
 _MOE_PARTS = [("experts", "experts."), ("router", "router."), ("predictor", "predictor."),
-              ("shared experts", "shared."), ("recalibration", "recalibration."), ("spatial conv", "spatial.")]
+              ("shared experts", "shared."), ("recalibration", "recalibration.")]
 
 
 _TOP = {"x_embedder": "embedding", "t_embedder": "embedding", "y_embedder": "embedding", "pos_embed": "embedding",
         "text_embedder": "text projection", "final_layer": "final layer"}
-_BLOCK = {"attn": "attention", "cross_attn": "cross-attention", "adaLN_modulation": "adaLN modulation"}
+_BLOCK = {"attn": "attention", "cross_attn": "cross-attention", "adaLN_modulation": "adaLN modulation",
+          "spatial": "spatial conv"}
 
 
 def _component(name: str, ffn_of_block: dict[str, nn.Module]) -> str:

@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 from models.attention import Attention, CrossAttention, RopeTables, rope_2d_tables
 from models.embeddings import LabelEmbedder, PatchEmbed, TextProjection, TimestepEmbedder, sincos_2d
-from models.ffn import DenseFFN, build_ffn
+from models.ffn import DenseFFN, build_ffn, is_moe_block
+from models.moe.spatial import DepthwiseTokenConv
 from models.text import TextEmbeddings, text_width
 
 if TYPE_CHECKING:
@@ -52,6 +53,10 @@ class DiTBlock(nn.Module):
             self.cross_attn = None
         self.norm2 = nn.LayerNorm(d, elementwise_affine=False, eps=1e-6)
         self.ffn = build_ffn(cfg, block_index, ep_rank, ep_size)
+        # Diff-MoE: a depthwise conv over the token grid feeds the MoE slot (before norm2, as the
+        # reference block); the residual adds the FFN output to the un-convolved stream
+        kernel = cfg.moe.spatial_conv_kernel if is_moe_block(cfg, block_index) else 0
+        self.spatial = DepthwiseTokenConv(d, kernel, block_index) if kernel else None
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, t: torch.Tensor, rope: RopeTables | None = None,
@@ -60,7 +65,8 @@ class DiTBlock(nn.Module):
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa), rope)
         if self.cross_attn is not None:
             x = x + self.cross_attn(self.norm_cross(x), context, context_mask)
-        x = x + gate_ffn.unsqueeze(1) * self.ffn(modulate(self.norm2(x), shift_ffn, scale_ffn), c, t)
+        h = x if self.spatial is None else self.spatial(x)
+        x = x + gate_ffn.unsqueeze(1) * self.ffn(modulate(self.norm2(h), shift_ffn, scale_ffn), c, t)
         return x
 
 
@@ -239,6 +245,8 @@ class DiT(nn.Module):
         for block in self.blocks:
             macs += d * 6 * d  # adaLN modulation (once per sample)
             macs += n * block.ffn.activated_params()
+            if block.spatial is not None:  # depthwise conv: one MAC per weight per token
+                macs += n * block.spatial.conv.weight.numel()
         flops = 2.0 * macs + sum(block.attn.flops_per_sample(n) for block in self.blocks)
         if self.text_conditioned:  # caption padded to model.text.max_length tokens
             length = self.cfg.text.max_length

@@ -14,6 +14,7 @@ from engine.config import ModelConfig, MoEConfig, load_config
 from engine.ema import EMA
 from models import build_model
 from models.diffusion import build_diffusion, guided_model_fn
+from models.dit import modulate
 from models.embeddings import TimestepEmbedder
 from models.moe import init, moe_layers
 from models.moe.layer import MoELayer
@@ -227,3 +228,18 @@ def test_latent_configs_and_docs_name_the_ft_mse_vae():
     texts = [p.read_text() for p in sorted((root / "configs").rglob("*.yaml"))] + [(root / "docs" / "data.md").read_text()]
     assert not any("ft-ema" in text for text in texts)
     assert all("sd-vae-ft-mse" in text for text in texts if "latent: true" in text)
+
+
+def test_diff_moe_block_convolves_the_stream_before_the_moe_norm():
+    """The reference block: x + gate * moe(modulate(norm2(dwconv(x)))), residual on the un-convolved x."""
+    cfg = load_config(None, TINY_DIFFMOE + ["model.moe.routing=token_choice", "model.moe.spatial_conv_kernel=3",
+                                           "model.moe.time_aware=true", "model.moe.time_rank=4"])
+    block = perturbed(build_model(cfg)).blocks[1]
+    x, c, t = torch.randn(2, 4, 16), torch.randn(2, 16), torch.rand(2)
+    with torch.no_grad():
+        shift_msa, scale_msa, gate_msa, shift, scale, gate = block.adaLN_modulation(c).chunk(6, dim=1)
+        x1 = x + gate_msa.unsqueeze(1) * block.attn(modulate(block.norm1(x), shift_msa, scale_msa))
+        grid = F.conv2d(x1.transpose(1, 2).reshape(2, 16, 2, 2), block.spatial.conv.weight, block.spatial.conv.bias,
+                        padding=1, groups=16).reshape(2, 16, 4).transpose(1, 2)
+        want = x1 + gate.unsqueeze(1) * block.ffn(modulate(block.norm2(grid), shift, scale), c, t)
+        assert torch.allclose(block(x, c, t), want, atol=1e-5)

@@ -112,7 +112,7 @@ GRADCHECK_VARIANTS = {
     "diffmoe": dict(routing="diffmoe", num_experts=4, capacity=1.5),
     "token_choice": dict(routing="token_choice", num_experts=4, top_k=2, capacity=0.75, drop_tokens=True),
     "diff_moe": dict(routing="token_choice", num_experts=4, top_k=2, drop_tokens=False, activation="swiglu",
-                     time_aware=True, time_rank=3, recalibration=True, spatial_conv_kernel=3, num_shared_experts=1),
+                     time_aware=True, time_rank=3, recalibration=True, num_shared_experts=1),
     "recipe": dict(routing="token_choice", num_experts=4, top_k=2, router="sigmoid_bias", routed_scaling=2.0,
                    activation="swiglu", num_shared_experts=1, drop_tokens=False),
 }
@@ -128,7 +128,7 @@ def test_gradcheck_float64(variant):
                 p.normal_(0, 0.3)
     x, c, t = random_inputs(2, 4, 4, dtype=torch.float64)
     checked = ("router.weight", "experts.w1", "experts.w2", "experts.b1", "experts.b2", "experts.ada_up", "experts.ada_down",
-               "recalibration.up.weight", "spatial.conv.weight", "shared.ffn.w2")
+               "recalibration.up.weight", "shared.ffn.w2")
     names = [n for n, _ in layer.named_parameters() if n in checked]
     params = [p.detach().clone().requires_grad_() for n, p in layer.named_parameters() if n in checked]
 

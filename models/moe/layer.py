@@ -32,7 +32,7 @@ from models.moe.pool import LocalPool, TokenPool
 from models.moe.predictor import CapacityPredictor
 from models.moe.router import Router
 from models.moe.shared import SharedExperts
-from models.moe.spatial import ChannelRecalibration, DepthwiseTokenConv
+from models.moe.spatial import ChannelRecalibration
 
 if TYPE_CHECKING:
     from engine.config import ModelConfig
@@ -74,7 +74,6 @@ class MoELayer(nn.Module):
         self.inference = moe.inference
         self.threshold_shift = moe.threshold_shift
 
-        self.spatial = DepthwiseTokenConv(d, moe.spatial_conv_kernel, block_index) if moe.spatial_conv_kernel else None
         self.router = Router(d, moe.num_experts, moe.router, block_index, scheme=moe.router_init,
                              init_std=moe.router_init_std, routing=moe.routing)
         self.experts = ExpertBank(self.num_local_experts, d, self.expert_hidden, moe.activation, block_index=block_index,
@@ -118,8 +117,8 @@ class MoELayer(nn.Module):
         return float(self.top_k) if self.routing == "token_choice" else float(self.target_capacity)
 
     def _always_on_params(self) -> int:
-        """Parameters every token uses besides its routed experts (router, shared, recalibration, conv)."""
-        parts = [self.router, self.shared, self.recalibration, self.spatial]
+        """Parameters every token uses besides its routed experts (router, shared, recalibration)."""
+        parts = [self.router, self.shared, self.recalibration]
         return sum(p.numel() for m in parts if m is not None for p in m.parameters())
 
     def activated_params(self) -> float:
@@ -188,8 +187,6 @@ class MoELayer(nn.Module):
         b, n, d = x.shape
         dtype = x.dtype
         record = self.training and not _recomputing()
-        if self.spatial is not None:
-            x = self.spatial(x)
         flat = x.reshape(b * n, d)
         affinity, select_score = self.router(flat)
         plan, aux, stats = self._select(flat, affinity, select_score, n, record)

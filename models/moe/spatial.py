@@ -13,8 +13,8 @@ from models.moe import init
 class DepthwiseTokenConv(nn.Module):
     """k x k depthwise convolution over the square token grid: [B, N, d] -> [B, N, d].
 
-    Diff-MoE feeds the MoE input through it; the block's residual skips it (the layer output is
-    added to the un-convolved stream by the DiT block). Default Conv2d init from the layer's seed.
+    Diff-MoE's DiT block convolves its stream before the FFN slot's norm and modulation; the
+    residual skips it (models/dit.py). Default Conv2d init from the block's seed.
     """
 
     def __init__(self, dim: int, kernel: int, block_index: int):
