@@ -113,6 +113,7 @@ class ModelConfig:
     # the timestep embedder's sinusoids see time_scale * t (t in [0, 1]): 1000 as DiT's step index,
     # 1 as the DiffMoE flow reference (raw t)
     time_scale: float = 1000.0
+    ffn_activation: Literal["gelu_tanh", "silu"] = "gelu_tanh"  # dense FFN blocks (the recipe's code: silu)
     learn_sigma: bool = False  # DDPM learned-range sigma doubles the output channels
     position: Literal["sincos", "rope"] = "sincos"  # rope: 2D RoPE, absolute embedding dropped
     attention: Literal["sdpa", "math"] = "sdpa"

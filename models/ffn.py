@@ -19,12 +19,14 @@ if TYPE_CHECKING:  # models/ sits below engine/: the config is passed in, never 
 
 
 class DenseFFN(nn.Module):
-    """DiT's MLP: Linear -> GELU(tanh) -> Linear."""
+    """DiT's MLP: Linear -> GELU(tanh) -> Linear (`activation` silu: the recipe's dense blocks)."""
 
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, activation: str = "gelu_tanh"):
         super().__init__()
+        if activation not in ("gelu_tanh", "silu"):
+            raise ValueError(f"model.ffn_activation: unknown activation {activation!r}")
         self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = nn.GELU(approximate="tanh") if activation == "gelu_tanh" else nn.SiLU()
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None, t: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,7 +45,7 @@ def is_moe_block(cfg: ModelConfig, block_index: int) -> bool:
 def build_ffn(cfg: ModelConfig, block_index: int, ep_rank: int = 0, ep_size: int = 1) -> nn.Module:
     """The FFN slot of block `block_index`; MoE layers hold experts ep_rank's share of experts."""
     if not is_moe_block(cfg, block_index):
-        return DenseFFN(cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio))
+        return DenseFFN(cfg.hidden_size, int(cfg.hidden_size * cfg.mlp_ratio), cfg.ffn_activation)
     from models.moe.layer import MoELayer  # MoE issue
 
     return MoELayer(cfg, block_index, ep_rank=ep_rank, ep_size=ep_size)

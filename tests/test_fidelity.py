@@ -243,3 +243,12 @@ def test_diff_moe_block_convolves_the_stream_before_the_moe_norm():
                         padding=1, groups=16).reshape(2, 16, 4).transpose(1, 2)
         want = x1 + gate.unsqueeze(1) * block.ffn(modulate(block.norm2(grid), shift, scale), c, t)
         assert torch.allclose(block(x, c, t), want, atol=1e-5)
+
+
+def test_recipe_dense_blocks_use_silu():
+    cfg = load_config(CONFIGS / "recipe_s_e16_flow.yaml", ["parallel.ep_size=1", "model.depth=2", "model.hidden_size=16",
+                                                            "model.num_heads=2", "model.moe.expert_hidden=8"])
+    dense = build_model(cfg).blocks[0].ffn
+    x = torch.randn(3, 5, 16)
+    with torch.no_grad():
+        assert torch.allclose(dense(x), dense.fc2(F.silu(dense.fc1(x))), atol=1e-6)
