@@ -6,27 +6,26 @@ Every model is the quickstart DiT (configs/quickstart.yaml) with the FFN of ever
 replaced by 4 full-width experts (E4, hidden 4d), one expert per token on average, so all four
 apply the dense model's parameters per token (plus a d x E router; the table lists exact counts):
   Dense    the quickstart's dense FFN
-  TC       token choice, top-1, capacity factor 1, load-balance loss 0.01 (TC-DiT)
+  TC       token choice, top-1, load-balance loss 0.01, no token dropped (TC-DiT: the reference has no
+           capacity limit, so every token reaches its expert)
   EC       expert choice within each sample, capacity 1, no predictor (EC-DiT)
   DiffMoE  expert choice over the micro-batch's global token pool, capacity 1, capacity predictor
 Each (model, seed) is one single-process `engine/train.py` run (subprocess, one thread each,
 `--jobs` at a time). From its metrics.jsonl come the final training diffusion loss (mean over the
 last record interval; the auxiliary losses differ by model and are left out) and `eval/class_acc`;
 then `engine/sample.py` draws as many EMA samples as the held-out split has digits (static
-inference) and a small-feature FID compares them with the held-out digits: engine/metrics.py's
-Frechet distance on the 64 pixels at the digits' native 8x8, the features the
-reference classifier of engine/digits_eval.py sees. Writes the `ablation` section of
+inference) and a small-feature FID compares them with the held-out digits (engine/digits_eval.py's
+`pixel_fid`: the Frechet distance on the 64 pixels at the digits' native 8x8, the features its
+reference classifier sees). Writes the `ablation` section of
 benchmarks/RESULTS.md (mean ± std over seeds); the last stdout line is JSON of the per-model means.
-Re-running the same command after an interruption keeps the runs that finished (`ablation_result.json`).
+Re-running the same command after an interruption keeps the runs that finished (`ablation_result.json`)
+as long as their resolved config is unchanged (a changed default is a new run).
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import statistics
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -41,17 +40,18 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from benchmarks.results import update_results  # noqa: E402
+from benchmarks.train_runs import resolved_config, run_checked, same_config, train_run  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.data import load_digits_split  # noqa: E402
-from engine.digits_eval import as_model_pixels, classifier_features  # noqa: E402
-from engine.metrics import feature_statistics, frechet_distance  # noqa: E402
+from engine.digits_eval import heldout_pixel_statistics, pixel_fid  # noqa: E402
 from engine.params import count_params  # noqa: E402
 
 CONFIG = REPO / "configs" / "quickstart.yaml"
 MOE = ["model.moe.num_experts=4", "model.moe.every=2", "model.moe.capacity=1.0"]
 MODELS: dict[str, list[str]] = {
     "Dense": ["model.moe.routing=dense"],
-    "TC": MOE + ["model.moe.routing=token_choice", "model.moe.top_k=1", "model.moe.aux_loss_weight=0.01"],
+    "TC": MOE + ["model.moe.routing=token_choice", "model.moe.top_k=1", "model.moe.aux_loss_weight=0.01",
+                 "model.moe.drop_tokens=false"],
     "EC": MOE + ["model.moe.routing=expert_choice", "model.moe.pool=sample", "model.moe.predictor=false"],
     "DiffMoE": MOE + ["model.moe.routing=diffmoe", "model.moe.pool=micro_batch", "model.moe.predictor=true"],
 }
@@ -93,33 +93,10 @@ class Settings:
         return self.out / f"{model.lower()}_s{seed}"
 
 
-def child_env() -> dict[str, str]:
-    """One thread per run: runs go side by side on a shared machine."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
-
-
-def run_checked(cmd: list[str], log: Path) -> str:
-    with log.open("w") as f:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True, env=child_env(), cwd=REPO)
-    log.with_suffix(".out").write_text(proc.stdout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}); see {log}")
-    return proc.stdout
-
-
-def heldout_statistics(input_size: int) -> tuple[np.ndarray, np.ndarray]:
-    images, _ = load_digits_split("heldout")
-    return feature_statistics(classifier_features(as_model_pixels(images, input_size)))
-
-
-def pixel_fid(npz: Path, reference: tuple[np.ndarray, np.ndarray]) -> float:
-    """FID on the 8x8 pixel features between the samples of `npz` (uint8 NHWC) and the reference."""
-    images = np.load(npz)["arr_0"]  # [N, H, W, C]: C = 1 for the digits model; RGB is averaged to grey
-    pixels = torch.from_numpy(images).float().mean(-1)[:, None] / 127.5 - 1.0
-    return frechet_distance(*feature_statistics(classifier_features(pixels)), *reference)
+def npz_pixels(npz: Path) -> torch.Tensor:
+    """uint8 NHWC samples (C = 1 for the digits model; RGB is averaged to grey) -> [N, 1, H, W] in [-1, 1]."""
+    images = np.load(npz)["arr_0"]
+    return torch.from_numpy(images).float().mean(-1)[:, None] / 127.5 - 1.0
 
 
 def train_and_measure(settings: Settings, model: str, seed: int, reference: tuple[np.ndarray, np.ndarray],
@@ -127,13 +104,10 @@ def train_and_measure(settings: Settings, model: str, seed: int, reference: tupl
     run = settings.run_dir(model, seed)
     done = run / "ablation_result.json"
     overrides = settings.overrides(model, seed)
-    if done.exists() and json.loads(done.read_text())["overrides"] == overrides:
+    if done.exists() and same_config(json.loads(done.read_text()).get("config", {}), CONFIG, overrides):
         return json.loads(done.read_text())["result"]  # finished by an earlier, interrupted invocation
-    shutil.rmtree(run, ignore_errors=True)  # a partial run of an interrupted invocation starts over
-    run.mkdir(parents=True)
+    train_seconds = train_run(run, CONFIG, overrides)
     begin = time.time()
-    run_checked([sys.executable, str(REPO / "engine" / "train.py"), "--config", str(CONFIG),
-                 *overrides], run / "train.log")
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     # the diffusion loss alone: the auxiliary losses (TC balance, DiffMoE predictor BCE) differ by model
     loss = [r["diffusion_loss"] for r in records if r.get("diffusion_loss") is not None][-1]
@@ -142,9 +116,9 @@ def train_and_measure(settings: Settings, model: str, seed: int, reference: tupl
                        "--num-samples", str(num_fid_samples), "--steps", str(settings.sample_steps),
                        "--batch-size", "64", "--out", str(run / "fid_samples"), "--no-progress"], run / "sample.log")
     summary = json.loads(out.strip().splitlines()[-1])
-    result = {"loss": loss, "class_acc": class_acc, "fid": pixel_fid(Path(summary["npz"]), reference),
-              "minutes": (time.time() - begin) / 60}
-    done.write_text(json.dumps({"overrides": overrides, "result": result}, indent=2) + "\n")
+    result = {"loss": loss, "class_acc": class_acc, "fid": pixel_fid(npz_pixels(Path(summary["npz"])), reference),
+              "minutes": (train_seconds + time.time() - begin) / 60}
+    done.write_text(json.dumps({"config": resolved_config(CONFIG, overrides), "result": result}, indent=2) + "\n")
     return result
 
 
@@ -159,7 +133,8 @@ def table(results: dict[str, list[dict[str, float]]], settings: Settings, quick:
         f"configs/quickstart.yaml's DiT (depth 4, width 128, patch 2, digits 8x8), {settings.steps} steps at global "
         f"batch {settings.batch} (lr 1e-3, EMA decay {ema_decay(settings.steps):.4f}), {settings.seeds} seeds per "
         f"model ({settings.jobs} runs at a time, one thread each), MoE = E4 full-width experts in every other block "
-        f"at 1 expert per token. `class_acc`: {settings.eval_samples} EMA samples, {settings.sample_steps} Euler "
+        f"at 1 expert per token; TC is TC-DiT as the reference builds it: top-1, balance loss 0.01, no capacity "
+        f"limit, so it drops no tokens. `class_acc`: {settings.eval_samples} EMA samples, {settings.sample_steps} Euler "
         f"steps, cfg 2. FID: 8x8-pixel-feature FID (64-d) of as many EMA samples as held-out digits "
         f"({settings.sample_steps} steps, static inference) vs the held-out split. Lower loss / FID and higher "
         "class_acc are better.",
@@ -202,7 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error("--seeds, --steps and --jobs must be positive")
 
     cfg = load_config(str(CONFIG), [])
-    reference = heldout_statistics(cfg.model.input_size)
+    reference = heldout_pixel_statistics(cfg.model.input_size)
     num_fid_samples = len(load_digits_split("heldout")[1])
     params = {m: count_params(load_config(str(CONFIG), MODELS[m]))[1:] for m in models}
     jobs = [(m, s) for s in range(settings.seeds) for m in models]

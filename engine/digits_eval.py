@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from engine.data import load_digits_split
+from engine.metrics import feature_statistics, frechet_distance
 from engine.monitor import show_progress
 from engine.sampling import generate
 
@@ -46,6 +47,19 @@ def as_model_pixels(images_uint8: np.ndarray, size: int) -> torch.Tensor:
     if size != DIGITS_SIZE:
         x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < DIGITS_SIZE)
     return x
+
+
+def heldout_pixel_statistics(input_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of the held-out digits' 8x8-pixel features, seen through the model's
+    resolution: the reference of `pixel_fid`."""
+    images, _ = load_digits_split("heldout")
+    return feature_statistics(classifier_features(as_model_pixels(images, input_size)))
+
+
+def pixel_fid(images: torch.Tensor, reference: tuple[np.ndarray, np.ndarray]) -> float:
+    """Small-feature FID: the Frechet distance between the 64-d pixel features (those the reference
+    classifier sees) of `images` ([N, 1, S, S] in [-1, 1]) and `reference` (heldout_pixel_statistics)."""
+    return frechet_distance(*feature_statistics(classifier_features(images)), *reference)
 
 
 class ReferenceClassifier:

@@ -59,17 +59,24 @@ def update_router_biases(model: nn.Module, all_reduce_sum: Callable[[torch.Tenso
             layer.router.update_bias(load, layer.bias_update_rate)
 
 
-def set_inference(model: nn.Module, mode: str, threshold_shift: float | None = None) -> None:
+def set_inference(model: nn.Module, mode: str, threshold_shift: float | None = None,
+                  capacity: float | None = None) -> None:
     """Choose DiffMoE's inference rule: `static` (training top-k over the sampling batch) or
-    `dynamic` (capacity-predictor thresholds; `threshold_shift` > 0 spends less compute)."""
+    `dynamic` (capacity-predictor thresholds; `threshold_shift` > 0 spends less compute).
+    `capacity` sets the expert-choice layers' static k = int(pool_tokens / E * capacity) (the
+    static compute knob; the training schedule's next `set_step` resets it); None keeps it."""
     if mode not in ("static", "dynamic"):
         raise ValueError(f"model.moe.inference: {mode!r} is not 'static' or 'dynamic'")
+    if capacity is not None and not capacity > 0:
+        raise ValueError(f"model.moe.capacity: must be > 0, got {capacity}")
     for layer in moe_layers(model):
         if mode == "dynamic" and layer.routing != "token_choice" and layer.predictor is None:
             raise ValueError("model.moe.inference=dynamic needs the capacity predictor (model.moe.predictor=true)")
         layer.inference = mode
         if threshold_shift is not None:
             layer.threshold_shift = threshold_shift
+        if capacity is not None and layer.routing != "token_choice":
+            layer.capacity = capacity
 
 
 def reset_meters(model: nn.Module) -> None:
