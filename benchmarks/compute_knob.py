@@ -230,10 +230,14 @@ def plot(rows: list[dict[str, float]], total_params: int, path: Path, title: str
     matplotlib.use("Agg")  # no display: write the file only
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3))
-    styles = {"static": ("tab:blue", "o", "static inference (capacity swept)"),
-              "dynamic": ("tab:orange", "s", "dynamic inference (threshold_shift swept)")}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    styles = {"static": ("tab:blue", "o", "static inference (label: capacity)"),
+              "dynamic": ("tab:orange", "s", "dynamic inference (label: threshold_shift)")}
     ref = next(r for r in rows if r["mode"] == "static" and r["knob"] == TRAINED_CAPACITY)
+    static = [r for r in rows if r["mode"] == "static"]
+    # activated params are linear in experts per token: the static points give the line (top axis)
+    slope, base = np.polyfit([r["knob"] for r in static], [r["activated_params"] / 1e6 for r in static], 1)
+    span = max(r["activated_params"] for r in rows) - min(r["activated_params"] for r in rows)
     for ax, key, ylabel in ((axes[0], "fid", "pixel FID vs held-out digits (lower is better)"),
                             (axes[1], "class_acc", "class accuracy (higher is better)")):
         for mode, (color, marker, label) in styles.items():
@@ -241,12 +245,18 @@ def plot(rows: list[dict[str, float]], total_params: int, path: Path, title: str
             ax.errorbar([r["activated_params"] / 1e6 for r in curve], [r[key] for r in curve],
                         xerr=[r["activated_params_std"] / 1e6 for r in curve], yerr=[r[key + "_std"] for r in curve],
                         color=color, marker=marker, capsize=3, label=label)
-            for r in curve:
+            last = -np.inf
+            for r in curve:  # label the points, skipping those that would print over the previous label
+                if r["activated_params"] - last < 0.04 * span:
+                    continue
+                last = r["activated_params"]
                 text = f"{r['knob']:g}" if mode == "static" else f"{r['knob']:+g}"
                 ax.annotate(text, (r["activated_params"] / 1e6, r[key]), textcoords="offset points",
                             xytext=(4, 6 if mode == "static" else -12), fontsize=7, color=color)
         ax.axvline(ref["activated_params"] / 1e6, color="grey", ls=":", lw=1)
         ax.axhline(ref[key], color="grey", ls=":", lw=1)
+        top = ax.secondary_xaxis("top", functions=(lambda m: (m - base) / slope, lambda c: base + c * slope))
+        top.set_xlabel("experts per token (MoE layers)", fontsize=8)
         ax.set_xlabel(f"measured activated parameters per token (M; total {total_params / 1e6:.2f}M)")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
