@@ -15,9 +15,9 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +85,7 @@ def number_items(items: list[Item]) -> list[Item]:
     return [dataclasses.replace(items[i], number=n) for n, i in enumerate(order)]
 
 
-@dataclass
+@dataclasses.dataclass
 class Listing:
     """What rank 0 found under --src: numbered items, inputs left out, class folder names (imagenet)."""
 
@@ -114,8 +114,14 @@ def take_listing(kind: str, src: Path) -> Listing:
 def write_listing(path: Path, listing: Listing) -> None:
     header = {"kind": listing.kind, "src": listing.src, "count": len(listing.items),
               "skipped": listing.skipped, "classes": listing.classes}
-    lines = [json.dumps(header), *(json.dumps(dataclasses.asdict(item)) for item in listing.items)]
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:  # streamed: a listing can hold 100M lines
+        f.write(json.dumps(header) + "\n")
+        for item in listing.items:
+            f.write(json.dumps(dataclasses.asdict(item)) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)  # complete or absent: the other ranks wait for this name
 
 
 def read_listing(path: Path, kind: str, src: Path) -> Listing:
