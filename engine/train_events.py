@@ -75,7 +75,9 @@ class TrainEvents:
         self.text = text  # text-conditioned models: grids and evaluation prompt with the digits captions
         self.model = engine.module
         self.last_checkpoint = last_checkpoint
-        self.checkpoints = Checkpointer(checkpoint_root(cfg), cfg)  # train.async_checkpoint: written in the background
+        # train.async_checkpoint: written in the background. Exclusive: engine/train.py holds run.lock, so
+        # temporary folders of other jobs in checkpoints/ are debris of dead ones.
+        self.checkpoints = Checkpointer(checkpoint_root(cfg), cfg, exclusive=True)
         self.monitor = Monitor(run, dist.is_main, cfg.train.max_steps, start_step, cfg.train.global_batch_size,
                                cfg.train.progress)
         self._classifier = None

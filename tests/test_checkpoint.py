@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from parallel.checkpoint.zero_state import ZeroOptimizerState
 from tests.checkpoint_utils import build_engine, gathered, mismatches, reference_state, state_snapshot, train_step
 
 pytestmark = pytest.mark.slow
@@ -90,12 +91,34 @@ def _loaded_state(overrides: list[str], path: str) -> dict[str, torch.Tensor]:
     """Whole tensors of an engine restored from `path` (before any step: master and moments read
     from the ZeRO partitions, since DeepSpeed links its own accessors only inside a step)."""
     from parallel.checkpoint import load_checkpoint
-    from parallel.checkpoint.zero_state import ZeroOptimizerState
 
     cfg, engine, ema = build_engine(overrides, seed=1)
     load_checkpoint(Path(path), engine, ema, cfg)
     zero = ZeroOptimizerState(engine)
     return state_snapshot(engine, ema, lambda t, key: gathered(zero, t, key) if zero.manages(t) else None)
+
+
+def _async_save(overrides: list[str], root: str) -> dict:
+    """An async save of step 2, then training on while it is written: the published checkpoint holds
+    the state at the save, which a fresh engine restores exactly."""
+    from parallel.checkpoint import Checkpointer, load_checkpoint
+
+    cfg, engine, ema = build_engine(overrides + ["train.async_checkpoint=true"])
+    saver = Checkpointer(Path(root), cfg)
+    for step in (1, 2):
+        train_step(engine, ema, step)
+    at_save = reference_state(engine, ema)
+    returned = saver.save(2, engine, ema, {"step": 2})
+    published_early = (Path(root) / "latest").exists()  # only poll/wait publish
+    train_step(engine, ema, 3)  # changes every tensor the background thread is writing
+    path = saver.wait()
+    _, restored, ema_restored = build_engine(overrides, seed=1)
+    load_checkpoint(path, restored, ema_restored, cfg)
+    zero = ZeroOptimizerState(restored)
+    loaded = state_snapshot(restored, ema_restored, lambda t, key: gathered(zero, t, key) if zero.manages(t) else None)
+    keys = [k for k in at_save if k.startswith(("model/", "master/", "exp_avg", "ema/"))]
+    return {"returned": returned, "published_early": published_early, "path": str(path),
+            "mismatches": mismatches({k: at_save[k] for k in keys}, {k: loaded[k] for k in keys})}
 
 
 def _load_error(overrides: list[str], path: str) -> str:
@@ -190,3 +213,44 @@ def test_corrupted_file_is_named_on_every_rank(pools, tmp_path):
     errors = pools(2).run(_load_error, ["parallel.ep_size=2"], str(tmp_path / "step_0000001"))
     for rank, message in enumerate(errors):
         assert str(bad) in message and "corrupted" in message and "sha256" in message, f"rank {rank}: {message}"
+
+
+def test_every_rank_writes_only_its_share(pools, tmp_path):
+    """World 4, ep_size 2: the ranks' pieces tile every saved tensor exactly once (element ranges of the
+    global tensors, whose sizes come from the model at ep_size 1), and every rank writes expert state:
+    each expert shard is spread over its two expert-data-parallel ranks."""
+    import math
+
+    from engine.config import load_config
+    from models import build_model
+    from parallel.checkpoint import read_manifest
+    from tests.checkpoint_utils import TINY_MOE
+
+    pools(4).run(_save_steps, ["parallel.ep_size=2"], str(tmp_path), [1])
+    manifest = read_manifest(tmp_path / "step_0000001")
+    files = manifest["files"]
+    assert sorted(files) == [f"rank_{r:05d}.safetensors" for r in range(4)]
+    whole = {name: math.prod(t.shape) for name, t in build_model(load_config(None, TINY_MOE)).state_dict().items()}
+    ranges: dict[str, list[tuple[int, int]]] = {}
+    for rec in files.values():
+        for key, (lo, hi) in rec["pieces"].items():
+            ranges.setdefault(key, []).append((lo, hi))
+    sections = {"model", "exp_avg", "exp_avg_sq", "ema"}
+    for key, spans in ranges.items():
+        section, name = key.split("/", 1)
+        assert section in sections
+        spans.sort()
+        assert spans[0][0] == 0 and spans[-1][1] == whole[name], key
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), (key, spans)  # no gap, no overlap
+    assert {k.split("/", 1)[1] for k in ranges if k.startswith("model/")} == set(whole)
+    for name, rec in files.items():
+        assert any(".experts." in key for key in rec["pieces"]), name
+
+
+def test_async_save_publishes_the_state_at_save_time(pools, tmp_path):
+    results = pools(2).run(_async_save, ["parallel.ep_size=2"], str(tmp_path))
+    for rank, r in enumerate(results):
+        assert r["returned"] is None and not r["published_early"], rank
+        assert r["path"] == str(tmp_path / "step_0000002"), rank
+        assert r["mismatches"] == [], rank
+    assert (tmp_path / "latest").read_text().strip() == "step_0000002"

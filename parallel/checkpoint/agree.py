@@ -11,6 +11,7 @@ close its connections; survivors would hang until the watchdog): local work hold
 """
 from __future__ import annotations
 
+import traceback
 from typing import Any, Callable, TypeVar
 
 import torch.distributed as dist
@@ -21,8 +22,14 @@ T = TypeVar("T")
 
 
 def describe(e: BaseException) -> str:
-    """One line naming what failed (a CheckpointError's message names its file or folder already)."""
-    text = str(e) if isinstance(e, CheckpointError) else f"{type(e).__name__}: {e}"
+    """One line naming what failed: a CheckpointError's message (it names its file or folder), else
+    the exception and the source line that raised it."""
+    if isinstance(e, CheckpointError):
+        text = str(e)
+    else:
+        frame = traceback.extract_tb(e.__traceback__)[-1] if e.__traceback__ else None
+        where = f" (at {frame.filename}:{frame.lineno})" if frame else ""
+        text = f"{type(e).__name__}: {e}{where}"
     return " ".join(text.split())
 
 

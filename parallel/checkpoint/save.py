@@ -142,7 +142,7 @@ def _begin(root: Path, step: int, engine: Any, ema: EMALike | None, train_state:
         table = tensor_table(tensors, zero, ema_state, layout)
         pieces = rank_pieces(tensors, zero, ema_state, layout)
         if host_copy:  # training may change the originals while the background thread writes
-            pieces = [(key, t.detach().to("cpu", copy=True), lo) for key, t in pieces]
+            pieces = [(key, t.detach().to("cpu", copy=True), lo) for key, t, lo in pieces]
         pieces.append((RNG_KEY, torch.frombuffer(bytearray(_rng_bytes()), dtype=torch.uint8), -1))
         manifest = tmp = None
         if layout.rank == 0:
@@ -155,13 +155,13 @@ def _begin(root: Path, step: int, engine: Any, ema: EMALike | None, train_state:
     try:
         payloads = agree(what, error, None if prepared is None else (prepared[3], prepared[4]))
     except CheckpointError:
-        _discard(own_tmp)
+        _failed(own_tmp)
         raise
     layout, pieces, manifest, _, _ = prepared
     tmp = payloads[0][0]
     scalars = [s for _, rank_scalars in payloads for s in rank_scalars]
     if any(s != scalars[0] for s in scalars):  # the same data on every rank: every rank raises
-        _discard(own_tmp)
+        _failed(own_tmp)
         raise CheckpointError(f"{what} failed: optimizer scalar state differs between partitions: {scalars}")
     if manifest is not None:
         manifest["optimizer"]["scalars"] = scalars[0] if scalars else {}
@@ -188,7 +188,7 @@ def _finish(job: _Job) -> Path:
     try:
         records = agree(job.what, *job.outcome)
     except CheckpointError:
-        _discard(own_tmp)  # the previous checkpoint and `latest` are untouched
+        _failed(own_tmp)  # the previous checkpoint and `latest` are untouched
         raise
     published: Path | None = None
     if job.manifest is not None:
@@ -219,6 +219,16 @@ def _make_temp_dir(root: Path, final: Path, exclusive: bool) -> Path:
 def _discard(tmp: Path | None) -> None:
     if tmp is not None:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _failed(tmp: Path | None) -> None:
+    """Every rank, after an agreement that failed: rank 0 removes the temporary folder (`tmp`), then all
+    go on together, so no rank finds it afterwards."""
+    _discard(tmp)
+    try:
+        dist.barrier()
+    except RuntimeError:  # a peer is gone: the error being raised says so already
+        pass
 
 
 def _publish(job: _Job) -> Path:
