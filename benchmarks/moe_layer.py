@@ -106,10 +106,11 @@ def moe_layer(d: int, **kw) -> MoELayer:
     return MoELayer(ModelConfig(hidden_size=d, num_heads=1, moe=MoEConfig(**kw)), block_index=1)
 
 
-def build_cases(d: int, experts: int) -> list[Case]:
+def our_cases(d: int, experts: int) -> list[Case]:
+    """The dense references and this project's MoE routings at width d with `experts` experts."""
     torch.manual_seed(0)
     h = 4 * d
-    cases = [
+    return [
         Case("dense FFN 4d", DenseFFN(d, h), "dense FFN 4d", "reference: one 4d MLP per token", ours),
         Case("dense FFN 8d", DenseFFN(d, 2 * h), "dense FFN 8d", "reference of top-2 (two 4d experts per token)", ours),
         # 12 d h' = 48 d^2 + (4 d^2 + 12 d E): the experts' FLOPs plus the predictor's and the router's
@@ -128,15 +129,24 @@ def build_cases(d: int, experts: int) -> list[Case]:
         Case("token_choice top-2", moe_layer(d, routing="token_choice", num_experts=experts, top_k=2, drop_tokens=False),
              "dense FFN 8d", "no drop (unequal groups: grouped GEMM path)", ours),
     ]
-    try:
-        from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
-        init_single_rank_gloo()
-        for k, ref in ((1, "dense FFN 4d"), (2, "dense FFN 8d")):
-            ds = DeepSpeedMoE(d, DenseFFN(d, h), num_experts=experts, ep_size=1, k=k, capacity_factor=1.0,
-                              min_capacity=4, drop_tokens=True)
-            cases.append(Case(f"deepspeed top-{k}", ds, ref, "deepspeed.moe.layer.MoE, capacity factor 1: tokens over "
-                              "capacity are dropped, their slots computed as zero rows", deepspeed_call))
+
+def deepspeed_cases(d: int, experts: int, top_ks: tuple[int, ...] = (1, 2)) -> list[Case]:
+    """deepspeed.moe.layer.MoE at top-k in `top_ks` (ImportError when DeepSpeed is not installed)."""
+    from deepspeed.moe.layer import MoE as DeepSpeedMoE
+
+    init_single_rank_gloo()
+    references = {1: "dense FFN 4d", 2: "dense FFN 8d"}
+    return [Case(f"deepspeed top-{k}", DeepSpeedMoE(d, DenseFFN(d, 4 * d), num_experts=experts, ep_size=1, k=k,
+                                                    capacity_factor=1.0, min_capacity=4, drop_tokens=True),
+                 references[k], "deepspeed.moe.layer.MoE, capacity factor 1: tokens over capacity are dropped, "
+                 "their slots computed as zero rows", deepspeed_call) for k in top_ks]
+
+
+def build_cases(d: int, experts: int) -> list[Case]:
+    cases = our_cases(d, experts)
+    try:
+        cases += deepspeed_cases(d, experts)
     except ImportError as e:  # the table then says DeepSpeed was not measured
         print(f"deepspeed unavailable ({e}); its rows are skipped", file=sys.stderr)
     for case in cases:

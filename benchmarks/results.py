@@ -17,11 +17,26 @@ def machine_line() -> str:
     return f"{datetime.date.today()} · {platform.machine()} · {device} · torch {torch.__version__}"
 
 
-def update_results(section: str, markdown: str) -> None:
-    """Replace (or append) the section `## {section}` of RESULTS.md with `markdown`."""
-    text = RESULTS.read_text() if RESULTS.exists() else HEADER
-    begin, end = f"<!-- begin {section} -->", f"<!-- end {section} -->"
-    block = f"{begin}\n## {section}\n\n_{machine_line()}_\n\n{markdown.strip()}\n{end}"
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+def _section_pattern(section: str) -> re.Pattern[str]:
+    return re.compile(re.escape(f"<!-- begin {section} -->") + r".*?" + re.escape(f"<!-- end {section} -->"), re.S)
+
+
+def _write_block(section: str, block: str, path: Path) -> None:
+    text = path.read_text() if path.exists() else HEADER
+    pattern = _section_pattern(section)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
-    RESULTS.write_text(text)
+    path.write_text(text)
+
+
+def update_results(section: str, markdown: str, path: Path = RESULTS) -> None:
+    """Replace (or append) the section `## {section}` of RESULTS.md (or of `path`) with `markdown`."""
+    block = f"<!-- begin {section} -->\n## {section}\n\n_{machine_line()}_\n\n{markdown.strip()}\n<!-- end {section} -->"
+    _write_block(section, block, path)
+
+
+def copy_section(section: str, source: Path, path: Path = RESULTS) -> None:
+    """Put the section `## {section}` of another results file (one a device run wrote) into RESULTS.md as is."""
+    found = _section_pattern(section).search(source.read_text())
+    if found is None:
+        raise ValueError(f"{source} has no `{section}` section")
+    _write_block(section, found.group(0), path)
