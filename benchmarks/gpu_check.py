@@ -434,7 +434,7 @@ def part_steps(s: Settings) -> tuple[str, dict]:
     rows = [f"| {name} | {m['ms']:.2f} | {fmt(m['peak_gb'], '.2f')} | {m['tflop']:.4g} | {m['analytic_tflop']:.4g} | "
             f"{m['tflop'] / m['ms'] * 1e3:.4g} | {fmt(m['mfu'], '.2%')} |" for name, m in measured.items()]
     text = (f"One training step (forward, backward, fused AdamW) of {batch} synthetic "
-            f"{load('Dense-DiT-S', s).model.input_size}x{load('Dense-DiT-S', s).model.input_size} latents "
+            f"{cfg.model.input_size}x{cfg.model.input_size}x{cfg.model.in_channels} latents "
             f"({s.warmup} warm-up, mean of {s.step_iters} steps); FLOPs counted by FlopCounterMode (every matmul and "
             "attention the step runs, the capacity predictor's included), next to 3x the analytic forward FLOPs; "
             f"MFU against {fmt(s.peak_tflops, 'g')} TFLOPS ({s.peak_source}).\n\n"
