@@ -45,9 +45,10 @@ class TimestepEmbedder(nn.Module):
     """t in [0, 1] (0 noise, 1 data) -> [B, d]: sinusoidal features of time_scale * t, then an MLP.
 
     `time_scale` (model.time_scale) is 1000 for DiT's step-index convention and 1 for the DiffMoE
-    flow reference, which feeds raw t. References whose t runs the other way (1 = noise) or count
-    steps from the clean end embed 1 - t or T - 1 - n instead: per frequency a fixed rotation of
-    these features, which the first linear layer absorbs (the same function class).
+    flow reference, which feeds raw t. References whose time runs the other way (Diff-MoE's flow:
+    1 = noise; DiT's step index: 0 = least noisy) embed 1 - t or 999 - 1000 t of ours: per frequency
+    a fixed orthogonal map (a reflection) of these features, which the first linear layer absorbs
+    (the same function class; with its i.i.d. Gaussian init, the same models in distribution).
     """
 
     def __init__(self, dim: int, frequency_dim: int = 256, max_period: float = 10000.0, time_scale: float = 1000.0):
