@@ -48,7 +48,8 @@ class TimestepEmbedder(nn.Module):
     flow reference, which feeds raw t. References whose time runs the other way (Diff-MoE's flow:
     1 = noise; DiT's step index: 0 = least noisy) embed 1 - t or 999 - 1000 t of ours: per frequency
     a fixed orthogonal map (a reflection) of these features, which the first linear layer absorbs
-    (the same function class; with its i.i.d. Gaussian init, the same models in distribution).
+    (the same function class and, its init being i.i.d. Gaussian, the same initial distribution;
+    Adam's per-coordinate steps are not invariant under the map, so training is close, not identical).
     """
 
     def __init__(self, dim: int, frequency_dim: int = 256, max_period: float = 10000.0, time_scale: float = 1000.0):
