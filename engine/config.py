@@ -110,9 +110,11 @@ class ModelConfig:
     num_classes: int = 1000
     mlp_ratio: float = 4.0
     class_dropout_prob: float = 0.1
-    # the timestep embedder's sinusoids see time_scale * t (t in [0, 1]): 1000 as DiT's step index,
-    # 1 as the DiffMoE flow reference (raw t)
+    # the timestep embedder's sinusoids see time_offset + time_scale * t (t in [0, 1], 0 = noise), the
+    # references' own time variable: DiT's DDPM step index 999 - 1000 t, DiffMoE's flow raw t (0, 1),
+    # Diff-MoE's flow 1 - t (docs/fidelity.md)
     time_scale: float = 1000.0
+    time_offset: float = 0.0
     ffn_activation: Literal["gelu_tanh", "silu"] = "gelu_tanh"  # dense FFN blocks (the recipe's code: silu)
     learn_sigma: bool = False  # DDPM learned-range sigma doubles the output channels
     position: Literal["sincos", "rope"] = "sincos"  # rope: 2D RoPE, absolute embedding dropped
@@ -394,7 +396,7 @@ def validate(cfg: Config) -> None:
     need(moe.num_experts % cfg.parallel.ep_size == 0, "parallel.ep_size",
          f"{cfg.parallel.ep_size} does not divide model.moe.num_experts={moe.num_experts}")
     need(0 <= m.class_dropout_prob < 1, "model.class_dropout_prob", "must be in [0, 1)")
-    need(m.time_scale > 0, "model.time_scale", f"must be positive, got {m.time_scale}")
+    need(m.time_scale != 0, "model.time_scale", "must not be 0 (the timestep embedding would not see t)")
     if m.text.encoder != "none":
         text, tiny = m.text, m.text.encoder.startswith("tiny_")
         need(0 <= text.caption_dropout < 1, "model.text.caption_dropout", "must be in [0, 1)")

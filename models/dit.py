@@ -103,7 +103,7 @@ class DiT(nn.Module):
         d = cfg.hidden_size
 
         self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d)
-        self.t_embedder = TimestepEmbedder(d, time_scale=cfg.time_scale)
+        self.t_embedder = TimestepEmbedder(d, time_scale=cfg.time_scale, time_offset=cfg.time_offset)
         # expert choice and DiffMoE choose tokens from a pool, so what shares a forward changes routing
         self.pools_tokens = cfg.moe.routing in ("expert_choice", "diffmoe")
         if self.text_conditioned:

@@ -42,28 +42,29 @@ class PatchEmbed(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """t in [0, 1] (0 noise, 1 data) -> [B, d]: sinusoidal features of time_scale * t, then an MLP.
+    """t in [0, 1] (0 noise, 1 data) -> [B, d]: sinusoidal features of s = time_offset + time_scale * t,
+    then an MLP.
 
-    `time_scale` (model.time_scale) is 1000 for DiT's step-index convention and 1 for the DiffMoE
-    flow reference, which feeds raw t. References whose time runs the other way (Diff-MoE's flow:
-    1 = noise; DiT's step index: 0 = least noisy) embed 1 - t or 999 - 1000 t of ours: per frequency
-    a fixed orthogonal map (a reflection) of these features, which the first linear layer absorbs
-    (the same function class and, its init being i.i.d. Gaussian, the same initial distribution;
-    Adam's per-coordinate steps are not invariant under the map, so training is close, not identical).
+    The references feed their own time variable, which is affine in ours (model.time_offset /
+    model.time_scale): the DiffMoE and recipe flow code raw t (0, 1), Diff-MoE's flow code 1 - t
+    (1, -1; its t = 1 is noise), DiT's DDPM the step index n = 999 - 1000 t (999, -1000; n = 0 is the
+    least noisy step). The default (0, 1000) embeds 1000 t.
     """
 
-    def __init__(self, dim: int, frequency_dim: int = 256, max_period: float = 10000.0, time_scale: float = 1000.0):
+    def __init__(self, dim: int, frequency_dim: int = 256, max_period: float = 10000.0, time_scale: float = 1000.0,
+                 time_offset: float = 0.0):
         super().__init__()
         self.frequency_dim = frequency_dim
         self.max_period = max_period
         self.time_scale = time_scale
+        self.time_offset = time_offset
         self.mlp = nn.Sequential(nn.Linear(frequency_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def frequency_features(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, frequency_dim] = [cos(s t f_i), sin(s t f_i)], s = time_scale, f_i = max_period^(-i/half)."""
+        """[B, frequency_dim] = [cos(s f_i), sin(s f_i)], s = time_offset + time_scale t, f_i = max_period^(-i/half)."""
         half = self.frequency_dim // 2
         freqs = torch.exp(-math.log(self.max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = (self.time_scale * t.float())[:, None] * freqs[None]
+        args = (self.time_offset + self.time_scale * t.float())[:, None] * freqs[None]
         return torch.cat([args.cos(), args.sin()], dim=-1)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.config import ModelConfig, MoEConfig, load_config
+from engine.config import ConfigError, ModelConfig, MoEConfig, load_config
 from engine.ema import EMA
 from models import build_model
-from models.diffusion import build_diffusion, guided_model_fn
+from models.diffusion import DDPM, build_diffusion, guided_model_fn
 from models.dit import modulate
 from models.embeddings import TimestepEmbedder
 from models.moe import init, moe_layers
@@ -123,23 +123,37 @@ def test_diffmoe_ddpm_configs_pool_cfg_jointly_as_their_reference_sampler():
 
 
 # ------------------------------------------------------------------------------ 3. flow time scale
-def test_timestep_features_follow_time_scale():
-    t = torch.tensor([0.5])
-    freqs = torch.tensor([1.0, 10000.0 ** -0.5])  # frequency_dim 4: f_i = 10000^(-i / 2)
-    for scale in (1.0, 1000.0):
-        features = TimestepEmbedder(8, frequency_dim=4, time_scale=scale).frequency_features(t)
-        args = scale * 0.5 * freqs
-        assert torch.allclose(features[0], torch.cat([args.cos(), args.sin()]), atol=1e-6)
+FREQS = torch.tensor([1.0, 10000.0 ** -0.5])  # frequency_dim 4: f_i = 10000^(-i / 2)
 
 
-def test_paper_configs_use_their_references_time_scale():
-    """Flow rows: raw t (DiffMoE, Diff-MoE and recipe references); DDPM rows: DiT's step index."""
+def sinusoids(s: torch.Tensor) -> torch.Tensor:
+    args = s.double()[:, None] * FREQS.double()[None]
+    return torch.cat([args.cos(), args.sin()], dim=1).float()
+
+
+def test_timestep_features_follow_time_scale_and_offset():
+    t = torch.tensor([0.5, 0.25])
+    for offset, scale in ((0.0, 1.0), (0.0, 1000.0), (1.0, -1.0)):
+        features = TimestepEmbedder(8, frequency_dim=4, time_scale=scale, time_offset=offset).frequency_features(t)
+        assert torch.allclose(features, sinusoids(offset + scale * t), atol=1e-6)
+
+
+def test_paper_configs_embed_their_references_time_variable():
+    """DDPM rows embed DiT's step index n, the DiffMoE / recipe flow rows raw t, the Diff-MoE flow
+    rows their 1 - t (their t = 1 is noise)."""
+    ddpm, n = DDPM(1000), torch.tensor([0, 1, 500, 998, 999])
+    t_flow = torch.tensor([0.0, 0.3, 1.0])
     for path in sorted(CONFIGS.glob("*.yaml")):
-        cfg = load_config(path)
-        expected = 1.0 if cfg.diffusion.objective == "flow" else 1000.0
-        assert cfg.model.time_scale == expected, path.name
-    tiny = build_model(load_config(None, TINY_DIFFMOE + ["model.time_scale=1.0"]))
-    assert tiny.t_embedder.time_scale == 1.0
+        m = load_config(path).model
+        embedder = TimestepEmbedder(8, frequency_dim=4, time_scale=m.time_scale, time_offset=m.time_offset)
+        if load_config(path).diffusion.objective == "ddpm":
+            got, want = embedder.frequency_features(ddpm.time_of_step(n)), sinusoids(n.double())
+        else:
+            reference_t = 1 - t_flow if path.name.startswith("diff_moe_") else t_flow
+            got, want = embedder.frequency_features(t_flow), sinusoids(reference_t)
+        assert torch.allclose(got, want, atol=2e-3), path.name  # fp32 t: 999 - 1000 t within ~1e-4
+    tiny = build_model(load_config(None, TINY_DIFFMOE + ["model.time_scale=-1.0", "model.time_offset=1.0"]))
+    assert (tiny.t_embedder.time_scale, tiny.t_embedder.time_offset) == (-1.0, 1.0)
 
 
 # ------------------------------------------------------------------------ 4. EMA'd thresholds
@@ -252,3 +266,8 @@ def test_recipe_dense_blocks_use_silu():
     x = torch.randn(3, 5, 16)
     with torch.no_grad():
         assert torch.allclose(dense(x), dense.fc2(F.silu(dense.fc1(x))), atol=1e-6)
+
+
+def test_zero_time_scale_is_a_config_error():
+    with pytest.raises(ConfigError, match="model.time_scale"):
+        load_config(None, ["model.time_scale=0"])

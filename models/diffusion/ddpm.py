@@ -3,7 +3,7 @@
 Step convention: the forward process has steps s = 1 .. T (T = `diffusion.num_timesteps`, 1000),
 alpha_bar_s decreasing, x_T ~ noise. Arrays are indexed by n = s - 1 in 0 .. T-1 (T-1 most noisy).
 The model receives t = 1 - s / T = 1 - (n + 1) / T in [0, 1): t -> 0 is noise, t -> 1 is data, as
-for rectified flow (with model.time_scale 1000 the timestep embedder sees 1000 t = T - s for T = 1000).
+for rectified flow (the DDPM configs' timestep embedding sees 999 - 1000 t = n, DiT's step index).
 
 Loss with learned sigma: MSE(eps) + the variational bound in bits, where the VLB sees the predicted
 mean with its gradient stopped so that it trains only the variance (improved DDPM / DiT). The
