@@ -118,7 +118,7 @@ def count_collectives() -> Iterator[Counter]:
 # depend on sizes). Pools: the config's, or ep_group for the pool-wide routings under EP.
 ROUTINGS = {
     "diffmoe": ["model.moe.routing=diffmoe", "model.moe.predictor=true"],
-    "expert_choice": ["model.moe.routing=expert_choice", "model.moe.pool=sample"],
+    "expert_choice": ["model.moe.routing=expert_choice", "model.moe.pool=sample", "model.moe.predictor=false"],
     "token_choice": ["model.moe.routing=token_choice", "model.moe.top_k=1"],
     "token_choice_drop": ["model.moe.routing=token_choice", "model.moe.top_k=2", "model.moe.drop_tokens=true",
                           "model.moe.capacity=1.0"],

@@ -16,6 +16,7 @@ parameter-free `DeepSpeedExpertMarker` child that tells the engine the model has
 """
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
     from engine.config import Config
     from parallel.groups import ExpertParallelGroups
 
+log = logging.getLogger(__name__)
 MARKER_NAME = "deepspeed_expert_marker"
 COMM_KEYS = ("alltoall_bytes", "alltoall_extra_bytes", "metadata_bytes", "score_gather_bytes")
 
@@ -60,6 +62,10 @@ def attach_expert_parallel(model: nn.Module, cfg: Config, groups: ExpertParallel
     """Install the pool of `model.moe.pool` and (ep_size > 1) the all-to-all dispatcher in every MoE
     layer, and mark the expert parameters for DeepSpeed."""
     layers = list(moe_layers(model))
+    if layers and cfg.model.moe.pool == "world" and groups.ep_size < groups.world_size and groups.rank == 0:
+        log.warning("model.moe.pool=world with parallel.ep_size=%d < world %d: an expert's replica in one EP group may "
+                    "receive up to all k of its tokens, %dx its average rows (docs/parallel.md); pool=ep_group avoids it",
+                    groups.ep_size, groups.world_size, groups.world_size // groups.ep_size)
     for layer in layers:
         layer.pool = build_pool(cfg.model.moe.pool, groups, cfg.parallel.pool_selection)
         if groups.ep_size > 1:

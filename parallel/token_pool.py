@@ -50,6 +50,7 @@ DIGIT_BITS = 8
 BINS = 1 << DIGIT_BITS  # histogram bins per round
 ROUNDS = 32 // DIGIT_BITS  # collectives per selection: a 32-bit key is pinned down after ROUNDS digits
 _SIGN = 1 << 31
+_ABOVE_ALL_KEYS = 1 << 32  # keys are in [0, 2^32)
 
 
 def order_keys(values: torch.Tensor) -> torch.Tensor:
@@ -151,7 +152,7 @@ class CrossRankPool(TokenPool):
         need = (wanted - above).clamp(min=0)  # ties at the k-th key that belong to the top k
         lower_ranks = per_rank[: self.position].sum(0).gather(1, b[:, None]).squeeze(1)
         take = (need - lower_ranks).clamp(min=0)
-        kth_key = torch.where(wanted > 0, prefix, torch.full_like(prefix, 1 << 40))  # nothing wanted: above all keys
+        kth_key = torch.where(wanted > 0, prefix, torch.full_like(prefix, _ABOVE_ALL_KEYS))  # nothing wanted
         return kth_key, take, total
 
     def pool_sum(self, values: torch.Tensor) -> torch.Tensor:
