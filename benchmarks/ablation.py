@@ -133,8 +133,10 @@ def table(results: dict[str, list[dict[str, float]]], settings: Settings, quick:
         f"configs/quickstart.yaml's DiT (depth 4, width 128, patch 2, digits 8x8), {settings.steps} steps at global "
         f"batch {settings.batch} (lr 1e-3, EMA decay {ema_decay(settings.steps):.4f}), {settings.seeds} seeds per "
         f"model ({settings.jobs} runs at a time, one thread each), MoE = E4 full-width experts in every other block "
-        f"at 1 expert per token; TC is TC-DiT as the reference builds it: top-1, balance loss 0.01, no capacity "
-        f"limit, so it drops no tokens. `class_acc`: {settings.eval_samples} EMA samples, {settings.sample_steps} Euler "
+        f"at 1 expert per token. TC is TC-DiT as the reference builds it: top-1, balance loss 0.01, kaiming-uniform "
+        f"router init, no capacity limit, so it now drops no token (the table before the fidelity fixes of issue 14 "
+        f"dropped tokens over capacity factor 1 in training); guided samples route their conditional and "
+        f"unconditional halves in separate pools (model.moe.cfg_pool). `class_acc`: {settings.eval_samples} EMA samples, {settings.sample_steps} Euler "
         f"steps, cfg 2. FID: 8x8-pixel-feature FID (64-d) of as many EMA samples as held-out digits "
         f"({settings.sample_steps} steps, static inference) vs the held-out split. Lower loss / FID and higher "
         "class_acc are better.",
