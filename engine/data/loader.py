@@ -14,6 +14,7 @@ pipeline (see `engine.data.stream`).
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -122,9 +123,23 @@ class TrainLoader:
             return DataLoader(self.dataset, **common)
         return DataLoader(self.dataset, sampler=_CountFrom(first), **common)
 
+    def _batches(self) -> Iterator[dict[str, Any]]:
+        """The DataLoader's iterator. Its workers are forked with the training process's objects frozen
+        (gc.freeze): a worker's garbage collector then never writes to them, so the pages it shares
+        with the training process stay shared instead of being copied into every worker."""
+        loader = self._dataloader()
+        if not self.num_workers:
+            return iter(loader)
+        gc.collect()
+        gc.freeze()
+        try:
+            return iter(loader)  # forks the workers
+        finally:
+            gc.unfreeze()
+
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
         group: list[dict[str, Any]] = []
-        for batch in self._dataloader():
+        for batch in self._batches():
             group.append(batch)
             if len(group) == self.grad_accum:
                 self._skipped += sum(b.pop("skipped") for b in group)
