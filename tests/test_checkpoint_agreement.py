@@ -106,9 +106,11 @@ def test_leftover_cleanup_removes_only_own_or_dead_owners_folders(tmp_path):
     }
     for name in folders.values():
         (tmp_path / name).mkdir()
+    pointer = f".tmp-latest.{host}.{dead_pid}"  # a `latest` replacement that never got renamed
+    (tmp_path / pointer).write_text("step_0000001\n")
     (tmp_path / "step_0000001").mkdir()
     removed = remove_leftovers(tmp_path)
-    assert sorted(p.name for p in removed) == sorted([folders["mine"], folders["dead"]])
+    assert sorted(p.name for p in removed) == sorted([folders["mine"], folders["dead"], pointer])
     left = sorted(p.name for p in tmp_path.iterdir())
     assert left == sorted([folders["live"], folders["other_host"], folders["unowned"], "step_0000001"])
     # with the run directory's lock held, no other job can be saving here: every leftover goes

@@ -172,18 +172,22 @@ def _owner_gone(host: str, pid: str) -> bool:
 
 
 def remove_leftovers(root: Path, exclusive: bool = False) -> list[Path]:
-    """Temporary and trash folders of interrupted saves or prunes, of this process or of owners that
-    are gone; with `exclusive` (the caller holds the run directory's lock) of every other owner too.
-    Never a complete checkpoint, never a live job's save in progress. Returns what was removed."""
+    """Temporary and trash folders (and `latest` pointer files) of interrupted saves or prunes, of this
+    process or of owners that are gone; with `exclusive` (the caller holds the run directory's lock) of
+    every other owner too. Never a complete checkpoint, never a live job's save in progress. Returns
+    what was removed."""
     mine = owner_token()
     removed = []
     for entry in root.iterdir():
-        if not (entry.is_dir() and entry.name.startswith((_TMP_PREFIX, _TRASH_PREFIX))):
+        if not entry.name.startswith((_TMP_PREFIX, _TRASH_PREFIX)):
             continue
         parts = entry.name.rsplit(".", 2)  # .tmp-step_0000002 . HOST . PID
         owner = ".".join(parts[1:]) if len(parts) == 3 else ""
         if owner == mine or exclusive or (owner and _owner_gone(parts[1], parts[2])):
-            shutil.rmtree(entry, ignore_errors=True)
+            if entry.is_dir():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
             removed.append(entry)
     return removed
 
