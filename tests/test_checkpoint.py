@@ -212,6 +212,7 @@ def test_corrupted_file_is_named_on_every_rank(pools, tmp_path):
     bad.write_bytes(bytes(data))
     errors = pools(2).run(_load_error, ["parallel.ep_size=2"], str(tmp_path / "step_0000001"))
     for rank, message in enumerate(errors):
+        assert "failed on rank 1: " in message, f"rank {rank}: {message}"  # rank 1 checks that file
         assert str(bad) in message and "corrupted" in message and "sha256" in message, f"rank {rank}: {message}"
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.data.digits import build_digits_shards, default_digits_dir
 from parallel.checkpoint.files import remove_leftovers
 from tests.checkpoint_utils import build_engine, train_step
 from tests.dist_utils import run_distributed
@@ -76,6 +77,7 @@ def test_one_rank_failing_to_write_fails_every_rank_and_keeps_the_previous(tmp_p
 def test_trainer_ranks_exit_with_one_error_line_naming_the_rank_and_file(tmp_path):
     """engine/train.py at world 2, rank 1 unable to write files: both ranks exit 1 at the first
     checkpoint, each with exactly one `error:` line naming rank 1 and its file."""
+    build_digits_shards(default_digits_dir())  # built on first use otherwise, a write rank 1 could not make
     port = str(free_port())
     overrides = TINY + ["train.save_every=1", "train.max_steps=2", f"train.output_dir={tmp_path}"]
     ranks = [subprocess.Popen(
