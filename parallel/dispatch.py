@@ -8,7 +8,8 @@ dispatch + combine is three collectives and one device->host sync, on a fixed sc
                 transfer (the layer's only host sync: `all_to_all_single` takes host split sizes)
     2. payload  one all-to-all carrying, per (token, destination rank) pair, the token's hidden state
                 once (a token chosen by several experts of one rank travels once), the gate of every
-                local expert of that rank (0 where not chosen), one bit per local expert, and, with
+                local expert of that rank (0 where not chosen; in the hidden states' dtype, which
+                combine casts it to anyway), one bit per local expert, and, with
                 side inputs, the token's sample slot; and per (sample, destination rank) pair the
                 sample's side inputs once (time-aware conditioning, recalibration means). All of it
                 is packed into one byte buffer, so mixed dtypes share one collective.
@@ -235,7 +236,8 @@ class AllToAllDispatcher:
         sent = _positions(goes.reshape(-1), sum(rows_out[0]))
         send_token = sent % num_tokens
         gates = torch.where(plan.mask, plan.weights, 0).view(num_tokens, n, m).transpose(0, 1).reshape(n * num_tokens, m)
-        tensors = [x.index_select(0, send_token), gates.index_select(0, sent),
+        # Gates travel in the hidden states' dtype: combine casts them to the experts' output dtype anyway.
+        tensors = [x.index_select(0, send_token), gates.index_select(0, sent).to(x.dtype),
                    _pack_bits(chosen.reshape(n * num_tokens, m).index_select(0, sent))]
         keys = ["alltoall_bytes", "metadata_bytes", "metadata_bytes"]
         kind_of = [0, 0, 0]
