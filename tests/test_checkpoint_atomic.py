@@ -98,3 +98,18 @@ def test_resolve_resume(tmp_path):
     (root / "step_0000005" / "manifest.json").write_text("{")
     with pytest.raises(CheckpointError, match="step_0000005/manifest.json is unreadable"):
         read_manifest(root / "step_0000005")
+
+
+@pytest.mark.slow
+def test_async_checkpoints_of_the_trainer_are_all_published(tmp_path):
+    """train.async_checkpoint: each save is published by a later step's poll or, for the last one,
+    before the trainer exits; every kept folder is complete and matches its checksums."""
+    from tests.train_utils import QUICKSTART, TINY, run_train
+
+    run_train(QUICKSTART, TINY + ["train.max_steps=5", "train.save_every=2", "train.async_checkpoint=true",
+                                  f"train.output_dir={tmp_path}"])
+    root = tmp_path / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_0000002", "step_0000004", "step_0000005"]
+    assert (root / "latest").read_text().strip() == "step_0000005"
+    for step in (2, 4, 5):
+        assert verify_checkpoint(root / f"step_{step:07d}")["step"] == step
