@@ -65,6 +65,8 @@ CAPACITIES = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)  # static: average experts pe
 # (most probabilities < 0.06 or > 0.95), so compute moves little until threshold + shift nears 0 or 1.
 SHIFTS = (-0.5, -0.45, -0.4, -0.3, 0.0, 0.3, 0.4, 0.45, 0.5, 0.55)
 TRAINED_CAPACITY = 1.0  # the quickstart's model.moe.capacity: the static reference point
+ZOOM = (0.5, 2.0)  # capacities bounding the figure's zoomed FID panel
+ZOOM_FID = 1.25  # its FID scale reaches this multiple of the static capacity-1 FID
 SAMPLE_BATCH = 64
 # the training settings a reused quickstart run must share with seed 0 (the rest does not touch the weights)
 WEIGHT_KEYS = ("seed", "max_steps", "global_batch_size", "lr", "weight_decay", "betas", "warmup_steps", "grad_clip",
@@ -226,45 +228,58 @@ def summarize(points: list[Point], per_seed: list[list[dict[str, float]]]) -> li
 
 
 def plot(rows: list[dict[str, float]], total_params: int, path: Path, title: str) -> None:
+    """FID over the whole sweep, FID near the training compute (ZOOM, where the modes overlap) and
+    class accuracy, each against the measured activated params; one curve per mode."""
     import matplotlib
     matplotlib.use("Agg")  # no display: write the file only
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5))
     styles = {"static": ("tab:blue", "o", "static inference (label: capacity)"),
               "dynamic": ("tab:orange", "s", "dynamic inference (label: threshold_shift)")}
     ref = next(r for r in rows if r["mode"] == "static" and r["knob"] == TRAINED_CAPACITY)
     static = [r for r in rows if r["mode"] == "static"]
     # activated params are linear in experts per token: the static points give the line (top axis)
     slope, base = np.polyfit([r["knob"] for r in static], [r["activated_params"] / 1e6 for r in static], 1)
-    span = max(r["activated_params"] for r in rows) - min(r["activated_params"] for r in rows)
-    for ax, key, ylabel in ((axes[0], "fid", "pixel FID vs held-out digits (lower is better)"),
-                            (axes[1], "class_acc", "class accuracy (higher is better)")):
+    pad = 0.03 * (ZOOM[1] - ZOOM[0]) * slope
+    zoom = (base + ZOOM[0] * slope - pad, base + ZOOM[1] * slope + pad)
+    panels = ((axes[0], "fid", "pixel FID vs held-out digits (lower is better)", None),
+              (axes[1], "fid", f"pixel FID, capacity {ZOOM[0]:g}-{ZOOM[1]:g} (zoom)", zoom),
+              (axes[2], "class_acc", "class accuracy (higher is better)", None))
+    for ax, key, ylabel, window in panels:
+        shown = [r for r in rows if window is None or window[0] <= r["activated_params"] / 1e6 <= window[1]]
+        span = max(r["activated_params"] for r in shown) - min(r["activated_params"] for r in shown)
         for mode, (color, marker, label) in styles.items():
             curve = sorted((r for r in rows if r["mode"] == mode), key=lambda r: r["activated_params"])
             ax.errorbar([r["activated_params"] / 1e6 for r in curve], [r[key] for r in curve],
                         xerr=[r["activated_params_std"] / 1e6 for r in curve], yerr=[r[key + "_std"] for r in curve],
                         color=color, marker=marker, capsize=3, label=label)
             last = -np.inf
-            for r in curve:  # label the points, skipping those that would print over the previous label
+            for r in (r for r in curve if r in shown):  # labels that would print over the previous one are skipped
                 if r["activated_params"] - last < 0.04 * span:
                     continue
                 last = r["activated_params"]
                 text = f"{r['knob']:g}" if mode == "static" else f"{r['knob']:+g}"
                 ax.annotate(text, (r["activated_params"] / 1e6, r[key]), textcoords="offset points",
                             xytext=(4, 6 if mode == "static" else -12), fontsize=7, color=color)
+        if window is not None:  # points over ZOOM_FID x the static capacity-1 FID stay off the zoom's scale
+            near = [r[key] for r in shown if r[key] <= ZOOM_FID * ref[key]]
+            low, high = min(near), max(near)
+            margin = 0.08 * (high - low)
+            ax.set_xlim(*window)
+            ax.set_ylim(low - margin, high + margin)
         ax.axvline(ref["activated_params"] / 1e6, color="grey", ls=":", lw=1)
         ax.axhline(ref[key], color="grey", ls=":", lw=1)
         top = ax.secondary_xaxis("top", functions=(lambda m: (m - base) / slope, lambda c: base + c * slope))
         top.set_xlabel("experts per token (MoE layers)", fontsize=8)
-        ax.set_xlabel(f"measured activated parameters per token (M; total {total_params / 1e6:.2f}M)")
+        ax.set_xlabel(f"measured activated parameters per token (M; total {total_params / 1e6:.2f}M)", fontsize=9)
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
