@@ -23,7 +23,7 @@ from engine.config import load_config
 from engine.data import DataError, build_train_loader, load_digits_split, prepare_dataset
 from engine.data.digits import build_digits_shards
 from engine.data.make_shards import index_existing
-from engine.data.order import EpochPermutation, GlobalOrder
+from engine.data.order import GlobalOrder
 from engine.data.shards import INDEX_FILE, ShardIndex, ShardReader, shard_name, write_index, write_shard
 
 N, SHARD_SIZES = 48, (10, 10, 10, 10, 8)
