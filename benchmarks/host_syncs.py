@@ -146,7 +146,7 @@ def measure_layer(routing: str, ep_size: int, tokens_per_sample: int) -> dict[st
     from models.moe.layer import MoELayer
 
     cfg = _layer_config(routing, ep_size, tokens_per_sample)
-    rank = 0
+    rank, world = 0, 1
     layer = MoELayer(cfg.model, 1, ep_rank=0, ep_size=1)
     if ep_size > 1:
         import torch.distributed as dist
@@ -155,7 +155,7 @@ def measure_layer(routing: str, ep_size: int, tokens_per_sample: int) -> dict[st
         from parallel.groups import create_groups
 
         groups = create_groups(ep_size)
-        rank = dist.get_rank()
+        rank, world = dist.get_rank(), dist.get_world_size()
         layer = MoELayer(cfg.model, 1, ep_rank=groups.ep_rank, ep_size=ep_size)
         attach_expert_parallel(layer, cfg, groups)
     g = torch.Generator().manual_seed(rank)
@@ -170,7 +170,7 @@ def measure_layer(routing: str, ep_size: int, tokens_per_sample: int) -> dict[st
         loss = (out.float() ** 2).mean() + layer.aux_loss
     with count_collectives() as coll_bwd, SyncCounter() as sync_bwd:
         loss.backward()
-    return {"routing": routing, "ep_size": ep_size,
+    return {"routing": routing, "world": world, "ep_size": ep_size,
             "syncs_forward": sync_fwd.count, "syncs_backward": sync_bwd.count,
             "collectives_forward": sum(coll_fwd.values()), "collectives_backward": sum(coll_bwd.values()),
             "sync_ops": dict(sync_fwd.by_op + sync_bwd.by_op),
@@ -201,21 +201,21 @@ def main() -> None:
     args = parser.parse_args()
 
     rows = _all_routings(1, args.tokens)
-    for ep_size in (2, 4):
-        with DistributedPool(ep_size) as ranks:
+    for world, ep_size in ((2, 2), (4, 4), (4, 2)):  # (4, 2): the pool is smaller than the world
+        with DistributedPool(world) as ranks:
             per_rank = ranks.run(_all_routings, ep_size, args.tokens)
         for i in range(len(ROUTINGS)):  # the worst rank (they should all agree)
             rows.append(max((r[i] for r in per_rank), key=lambda r: (r["syncs_forward"], r["collectives_forward"])))
     for row in rows:
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("ops")}), flush=True)
 
-    table = ["| routing | EP | host syncs fwd | host syncs bwd | collectives fwd | collectives bwd | target met | syncing ops | collectives fwd (bwd) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    table = ["| routing | world | EP | host syncs fwd | host syncs bwd | collectives fwd | collectives bwd | target met | syncing ops | collectives fwd (bwd) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ops = ", ".join(f"{name} x{n}" for name, n in r["sync_ops"].items()) or "-"
         colls = ", ".join(f"{name} x{n}" for name, n in r["collective_ops"].items()) or "-"
         back = ", ".join(f"{name} x{n}" for name, n in r["collective_ops_backward"].items()) or "-"
-        table.append(f"| {r['routing']} | {r['ep_size']} | {r['syncs_forward']} | {r['syncs_backward']} | "
+        table.append(f"| {r['routing']} | {r['world']} | {r['ep_size']} | {r['syncs_forward']} | {r['syncs_backward']} | "
                      f"{r['collectives_forward']} | {r['collectives_backward']} | {'yes' if meets_targets(r) else '**no**'} | "
                      f"{ops} | {colls} ({back}) |")
     headline = {
@@ -229,7 +229,7 @@ def main() -> None:
     }
     update_results("host_syncs", "\n".join([
         f"`python benchmarks/host_syncs.py` — one MoE layer, training forward and backward, {SAMPLES} samples x "
-        f"{args.tokens} tokens per rank, {EXPERTS} experts, EP = 1 (one process) and EP = 2, 4 (gloo ranks, "
+        f"{args.tokens} tokens per rank, {EXPERTS} experts, EP = 1 (one process) and EP = 2, 4 at world 2, 4 and EP = 2 at world 4 (gloo ranks, "
         "pool `ep_group` for the pool-wide routings, radix selection). Host syncs: calls that read device data on "
         "the host on CUDA (a TorchFunctionMode counter); collectives: torch.distributed calls. Targets (DESIGN.md): "
         "EP = 1: 0 syncs (1 for token choice with a capacity drop); EP > 1: <= 1 sync forward (the all-to-all split "
