@@ -177,7 +177,8 @@ def measure_layer(routing: str, ep_size: int, tokens_per_sample: int) -> dict[st
             "collective_ops": dict(coll_fwd), "collective_ops_backward": dict(coll_bwd)}
 
 
-def _all_routings(ep_size: int, tokens_per_sample: int) -> list[dict]:
+def all_routings(ep_size: int, tokens_per_sample: int) -> list[dict]:
+    """`measure_layer` for every routing of ROUTINGS, in order."""
     return [measure_layer(routing, ep_size, tokens_per_sample) for routing in ROUTINGS]
 
 
@@ -200,10 +201,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="tokens per sample (a square number)")
     args = parser.parse_args()
 
-    rows = _all_routings(1, args.tokens)
+    rows = all_routings(1, args.tokens)
     for world, ep_size in ((2, 2), (4, 4), (4, 2)):  # (4, 2): the pool is smaller than the world
         with DistributedPool(world) as ranks:
-            per_rank = ranks.run(_all_routings, ep_size, args.tokens)
+            per_rank = ranks.run(all_routings, ep_size, args.tokens)
         for i in range(len(ROUTINGS)):  # the worst rank (they should all agree)
             rows.append(max((r[i] for r in per_rank), key=lambda r: (r["syncs_forward"], r["collectives_forward"])))
     for row in rows:

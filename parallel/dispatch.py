@@ -26,6 +26,7 @@ backward. Chunks addressed to the sending rank itself are local copies and are n
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -33,11 +34,21 @@ import torch.distributed as dist
 from models.moe.dispatcher import Routed, RoutingPlan, verify_checks
 from models.moe.grouped_mm import GroupSizes
 from models.moe.pool import mask_positions
-from parallel.comm_bytes import CommCounter
+from parallel.comm_bytes import CommCounter, all_to_all_bytes
 
 
 def _row_bytes(dtype: torch.dtype, shape: tuple[int, ...]) -> int:
     return math.prod(shape) * dtype.itemsize
+
+
+@dataclass
+class _RouteState:
+    """What combine needs from dispatch."""
+
+    send_token: torch.Tensor  # [S] local token of each sent row, grouped by destination rank
+    rows_out: list[int]  # rows sent to each rank of the group
+    rows_in: list[int]  # rows received from each rank
+    num_tokens: int
 
 
 class _PackedExchange:
@@ -80,9 +91,8 @@ class _PackedExchange:
         flat = torch.cat(pieces)
         out = flat.new_empty(sum(recv))
         work = dist.all_to_all_single(out, flat, recv, send, group=self.group, async_op=True)
-        for j, i in enumerate(members):  # bytes for other ranks; the own chunk is a local copy
-            sent = sum(n for peer, n in enumerate(rows_out[self.kind_of[i]]) if peer != self.position)
-            self.counter.add(self.keys[i], float(sent * widths[j]))
+        for j, i in enumerate(members):
+            self.counter.add(self.keys[i], all_to_all_bytes(data[j], rows_out[self.kind_of[i]], self.position))
         self.pending = (work, out, recv, flat)
 
     def land(self, forward: bool) -> list[torch.Tensor]:
@@ -91,11 +101,12 @@ class _PackedExchange:
         work.wait()
         members = self._members(forward)
         rows_in = self.rows[forward][1]
+        widths = [_row_bytes(*self.like[i]) for i in members]
         parts: list[list[torch.Tensor]] = [[] for _ in members]
         offset = 0
         for peer in range(len(recv)):
             for j, i in enumerate(members):
-                n = rows_in[self.kind_of[i]][peer] * _row_bytes(*self.like[i])
+                n = rows_in[self.kind_of[i]][peer] * widths[j]
                 parts[j].append(out[offset:offset + n])
                 offset += n
         result = []
@@ -208,7 +219,7 @@ class AllToAllDispatcher:
         checks of the selection ride in it."""
         received = torch.empty_like(counts)
         dist.all_to_all_single(received, counts, group=self.group)
-        self.counter.add("metadata_bytes", float(counts[0].numel() * 8 * (self.ep_size - 1)))
+        self.counter.add("metadata_bytes", all_to_all_bytes(counts, [1] * self.ep_size, self.position))
         host = torch.cat([counts.flatten(), received.flatten(), *(c[0].view(1).to(counts.dtype) for c in checks)])
         host = host.tolist()
         size = counts.numel()
@@ -279,14 +290,13 @@ class AllToAllDispatcher:
             return rows.index_select(0, pair_row), expanded, (pair_row, pair_gate)
 
         sizes = GroupSizes(num_pairs, m, host=tuple(pairs_per_expert), device=received[:, len(columns) - 1:].sum(0))
-        return Routed(sizes, arrive=arrive,
-                      state=dict(send_token=send_token, rows_out=rows_out[0], rows_in=rows_in[0], num_tokens=num_tokens))
+        return Routed(sizes, arrive=arrive, state=_RouteState(send_token, rows_out[0], rows_in[0], num_tokens))
 
     def combine(self, expert_out: torch.Tensor, routed: Routed) -> torch.Tensor:
-        s = routed.state
+        s: _RouteState = routed.state
         pair_row, pair_gate = routed.arrived
         weighted = expert_out * pair_gate.unsqueeze(-1).to(expert_out.dtype)
-        per_row = expert_out.new_zeros(sum(s["rows_in"]), expert_out.shape[-1]).index_add(0, pair_row, weighted)
-        exchange = self._exchange([s["rows_in"]], [s["rows_out"]], [0], ["alltoall_bytes"])
+        per_row = expert_out.new_zeros(sum(s.rows_in), expert_out.shape[-1]).index_add(0, pair_row, weighted)
+        exchange = self._exchange([s.rows_in], [s.rows_out], [0], ["alltoall_bytes"])
         (back,) = _start(exchange, [per_row])()
-        return expert_out.new_zeros(s["num_tokens"], expert_out.shape[-1]).index_add(0, s["send_token"], back)
+        return expert_out.new_zeros(s.num_tokens, expert_out.shape[-1]).index_add(0, s.send_token, back)

@@ -123,7 +123,6 @@ class CrossRankPool(TokenPool):
         base = torch.arange(columns, device=device) * BINS
         prefix = torch.zeros(columns, dtype=torch.int64, device=device)  # the k-th key's digits found so far
         above = torch.zeros_like(prefix)  # candidates of the pool above the prefix's key range
-        wanted = None
         for r in range(ROUNDS):
             shift = 32 - DIGIT_BITS * (r + 1)
             match = (keys >= 0) & ((keys >> (shift + DIGIT_BITS)) == prefix)
@@ -141,7 +140,7 @@ class CrossRankPool(TokenPool):
             else:
                 hist = self._all_reduce(hist)
             hist = hist.view(columns, BINS).to(torch.int64)
-            if wanted is None:  # k, clamped to the candidates of the pool
+            if r == 0:  # k, clamped to the candidates of the pool (round 1 sees them all)
                 wanted = torch.clamp(hist.sum(1), max=k)
             # candidates above each bin, counting from the top digit down; the bin holding the k-th
             higher = above[:, None] + hist.flip(1).cumsum(1).flip(1) - hist

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.host_syncs import ROUTINGS, SyncCounter, measure_layer, meets_targets, sync_target
+from benchmarks.host_syncs import ROUTINGS, SyncCounter, all_routings, measure_layer, meets_targets, sync_target
 
 
 def test_counter_counts_what_syncs_on_cuda_and_nothing_else():
@@ -48,15 +48,11 @@ def test_single_process_layer_needs_no_host_sync(routing):
     assert row["collectives_forward"] == row["collectives_backward"] == 0
 
 
-def _all_routings(ep_size: int) -> list[dict]:
-    return [measure_layer(routing, ep_size, 16) for routing in ROUTINGS]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("world,ep_size", [(2, 2), (4, 4), (4, 2)])
 def test_expert_parallel_layer_meets_the_cost_model(pools, world, ep_size):
     """(4, 2): a pool smaller than the world adds the job-wide threshold mean, still within 8."""
-    per_rank = pools(world).run(_all_routings, ep_size)
+    per_rank = pools(world).run(all_routings, ep_size, 16)
     for rank, rows in enumerate(per_rank):
         for row in rows:
             assert meets_targets(row), f"rank {rank}: {row}"
